@@ -1,0 +1,110 @@
+"""Variable-length (packed) self-attention backends and fp32 rotary embeddings.
+
+Backends, chosen automatically and overridable:
+- ``flash_attn``: ``flash_attn.flash_attn_varlen_func`` when the package is installed;
+- ``torch_varlen``: PyTorch's ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention);
+- ``reference``: plain softmax attention one sequence at a time (CPU, any dtype).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+
+BACKENDS = ("flash_attn", "torch_varlen", "reference")
+
+
+def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
+    found = []
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        try:
+            import flash_attn  # noqa: F401
+
+            found.append("flash_attn")
+        except ImportError:
+            pass
+        try:
+            from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+
+            found.append("torch_varlen")
+        except ImportError:
+            pass
+    found.append("reference")
+    return found
+
+
+def pick_backend(device: torch.device, dtype: torch.dtype, requested: str = "auto") -> str:
+    found = available_backends(device, dtype)
+    if requested == "auto":
+        return found[0]
+    if requested not in found:
+        raise ValueError(f"attention backend {requested!r} is not available for {device.type}/{dtype}; available: {found}")
+    return requested
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+    backend: str,
+) -> torch.Tensor:
+    """Bidirectional attention within each sequence of a pack; q, k, v are (tokens, heads, dim)."""
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale)
+    if backend == "torch_varlen":
+        from torch.nn.attention.varlen import varlen_attn
+
+        if "scale" in inspect.signature(varlen_attn).parameters:
+            return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale)
+        # older releases have no scale argument and use 1/sqrt(head_dim), which is ESM's
+        assert math.isclose(scale, q.shape[-1] ** -0.5)
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+    if backend == "reference":
+        return reference_attention(q, k, v, cu_seqlens, scale)
+    raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
+
+
+def reference_attention(q, k, v, cu_seqlens, scale):
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        qi, ki, vi = (t[s:e].transpose(0, 1) for t in (q, k, v))  # (heads, L, dim)
+        att = torch.softmax((qi @ ki.transpose(1, 2)) * scale, dim=-1)
+        out[s:e] = (att @ vi).transpose(0, 1)
+    return out
+
+
+def position_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """0, 1, ..., L_i - 1 for every sequence of a pack: positions restart at each boundary."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    total = int(cu_seqlens[-1])
+    starts = torch.repeat_interleave(cu_seqlens[:-1], lengths, output_size=total)
+    return torch.arange(total, device=cu_seqlens.device) - starts
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin tables (tokens, head_dim) for integer positions.
+
+    fair-esm builds them with ``arange(T).type_as(inv_freq)``: in a model cast to bf16
+    both positions and inverse frequencies are bf16, exact only up to 256, so long
+    sequences drift. Here both are fp32, whatever the model's dtype.
+    """
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., tokens, heads, dim) in fp32 and return it in x's dtype (fair-esm's rotate_half form)."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (xf * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)

@@ -1,0 +1,236 @@
+"""Embedding stage: a shard's packs through the packed ESM-2, pooled per record.
+
+The GPU never waits on Python: a background thread tokenises the next packs (byte lookup
+table), pins them and the main thread copies them asynchronously; pooled outputs stay on
+the device and are copied to the host once at the end. On CUDA out-of-memory a pack is split
+in two and retried, down to single sequences.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .model import LoadedModel
+from .packed_esm import POOLINGS, PackedESM2, pool, residues
+from .packing import Pack, Plan, Tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class SequenceTooLargeError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What to compute: pooled columns per (layer, pooling) and optional per-residue layers."""
+
+    layers: tuple[int, ...]  # layers for pooled columns; the last layer is always included
+    poolings: tuple[str, ...] = ("mean",)
+    per_residue_layers: tuple[int, ...] = ()
+
+    @staticmethod
+    def resolve(num_layers: int, layers=(-1,), poolings=("mean",), per_residue_layers=()) -> "Outputs":
+        def fix(ls):
+            out = []
+            for layer in ls:
+                layer = num_layers + 1 + layer if layer < 0 else layer
+                if not 0 <= layer <= num_layers:
+                    raise ValueError(f"layer {layer} out of range 0..{num_layers}")
+                out.append(layer)
+            return tuple(sorted(set(out)))
+
+        for p in poolings:
+            if p not in POOLINGS:
+                raise ValueError(f"pooling must be one of {POOLINGS}, not {p!r}")
+        return Outputs(fix([*layers, -1]), tuple(dict.fromkeys(["mean", *poolings])), fix(per_residue_layers))
+
+    def columns(self, num_layers: int) -> list[tuple[str, int, str]]:
+        """(column name, layer, pooling); the default ``embedding`` is the last layer's mean."""
+        cols = [("embedding", num_layers, "mean")]
+        for layer in self.layers:
+            for p in self.poolings:
+                if (layer, p) != (num_layers, "mean"):
+                    cols.append((f"embedding_{p}_l{layer}", layer, p))
+        return cols
+
+    @property
+    def all_layers(self) -> list[int]:
+        return sorted(set(self.layers) | set(self.per_residue_layers))
+
+
+@dataclass
+class EmbedResult:
+    pooled: dict[str, np.ndarray]  # column -> (n_records, dim) float32
+    per_residue: dict[str, list[np.ndarray]] = field(default_factory=dict)  # column -> per record (L, dim)
+    stats: dict = field(default_factory=dict)
+
+
+class Embedder:
+    def __init__(self, loaded: LoadedModel, device: str | torch.device = "cpu", dtype: str = "float32", backend: str = "auto") -> None:
+        self.device = torch.device(device)
+        self.dtype_name = dtype
+        model = loaded.model.to(device=self.device, dtype=DTYPES[dtype]).eval()
+        self.loaded = loaded
+        self.packed = PackedESM2(model, backend)
+        self.tokenizer = Tokenizer(loaded.alphabet)
+        self.fail_hook = None  # tests: called with each pack before its forward, may raise OOM
+
+    @property
+    def backend(self) -> str:
+        return self.packed.backend
+
+    def _forward(self, pack: Pack, tokens: torch.Tensor, cu: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+        if self.fail_hook is not None:
+            self.fail_hook(pack)
+        return self.packed(tokens, cu, int(pack.lengths.max()) + 2, layers)
+
+    def _run(self, pack: Pack, items: np.ndarray, tokens: torch.Tensor, cu: torch.Tensor, outputs: Outputs, sink) -> None:
+        """Forward one pack (its items numbered ``items``) and hand the outputs to ``sink``;
+        split and retry on OOM."""
+        try:
+            hidden = self._forward(pack, tokens, cu, outputs.all_layers)
+        except torch.cuda.OutOfMemoryError:
+            hidden = None
+        if hidden is not None:
+            sink(items, cu, hidden)
+            return
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(pack.lengths) == 1:
+            raise SequenceTooLargeError(
+                f"out of memory on a single sequence: record row {int(pack.records[0])}, "
+                f"{int(pack.lengths[0])} residues (window start {int(pack.starts[0])}); lower the model size or use a larger GPU"
+            )
+        log.warning("out of memory on a pack of %d sequences (%d tokens): splitting it in two", len(pack.lengths), pack.tokens)
+        cu_host = pack.cu_seqlens
+        h = len(pack.lengths) // 2
+        for part, (a, b) in zip(pack.split(), ((0, h), (h, len(pack.lengths)))):
+            t = tokens[int(cu_host[a]) : int(cu_host[b])]
+            c = cu[a : b + 1] - cu[a]
+            self._run(part, items[a:b], t, c, outputs, sink)
+
+    def embed(self, sequences: list[str], plan: Plan, outputs: Outputs, progress_every: float = 30.0) -> EmbedResult:
+        """Embed every record of a shard (``sequences`` in shard order) following ``plan``."""
+        n_layers = self.packed.num_layers
+        columns = outputs.columns(n_layers)
+        n_items = sum(len(p.lengths) for p in plan.packs)
+        dim = self.packed.esm2.embed_dim
+        dev = self.device
+        item_rows = {c: torch.zeros(n_items, dim, dtype=torch.float32, device=dev) for c, _, _ in columns}
+        item_record = np.concatenate([p.records for p in plan.packs]) if plan.packs else np.zeros(0, np.int64)
+        item_len = np.concatenate([p.lengths for p in plan.packs]) if plan.packs else np.zeros(0, np.int64)
+        item_start = np.concatenate([p.starts for p in plan.packs]) if plan.packs else np.zeros(0, np.int64)
+        residue_parts: dict[str, dict[int, torch.Tensor]] = {f"per_residue_l{l}": {} for l in outputs.per_residue_layers}
+        # items are numbered in plan order
+        first_item = np.concatenate([[0], np.cumsum([len(p.lengths) for p in plan.packs])]).astype(np.int64)
+
+        def sink(idx: np.ndarray, cu: torch.Tensor, hidden: dict[int, torch.Tensor]) -> None:
+            idx_t = torch.as_tensor(idx, device=dev)
+            for col, layer, how in columns:
+                item_rows[col].index_copy_(0, idx_t, pool(hidden[layer], cu, how))
+            for layer in outputs.per_residue_layers:
+                for i, r in zip(idx.tolist(), residues(hidden[layer], cu)):
+                    residue_parts[f"per_residue_l{layer}"][i] = r.float().cpu()
+
+        tokens_done, t0, last = 0, time.perf_counter(), time.perf_counter()
+        total_tokens = sum(p.tokens for p in plan.packs)
+        for pi, (pack, tokens, cu) in enumerate(self._prefetch(sequences, plan.packs)):
+            self._run(pack, np.arange(first_item[pi], first_item[pi + 1]), tokens, cu, outputs, sink)
+            tokens_done += pack.tokens
+            now = time.perf_counter()
+            if now - last > progress_every:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                rate = tokens_done / (now - t0)
+                log.info(
+                    "pack %d/%d, %d/%d tokens, %.0f tokens/s, ETA %.0f s",
+                    pi + 1, len(plan.packs), tokens_done, total_tokens, rate, (total_tokens - tokens_done) / max(rate, 1e-9),
+                )
+                last = now
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        elapsed = time.perf_counter() - t0
+
+        # windows of a split record -> one row, averaged weighted by residues
+        rec_t = torch.as_tensor(item_record, device=dev)
+        w = torch.as_tensor(item_len, dtype=torch.float32, device=dev)[:, None]
+        pooled = {}
+        for col, rows in item_rows.items():
+            acc = torch.zeros(plan.n_records, dim, dtype=torch.float32, device=dev).index_add_(0, rec_t, rows * w)
+            wsum = torch.zeros(plan.n_records, 1, dtype=torch.float32, device=dev).index_add_(0, rec_t, w)
+            pooled[col] = (acc / wsum.clamp(min=1)).cpu().numpy()
+        per_residue = {
+            col: _merge_residues(parts, item_record, item_start, item_len, plan.n_records, dim) for col, parts in residue_parts.items()
+        }
+        stats = {
+            "records": plan.n_records,
+            "packs": len(plan.packs),
+            "tokens": total_tokens,
+            "seconds": elapsed,
+            "tokens_per_s": total_tokens / elapsed if elapsed > 0 else 0.0,
+            "device": str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
+            "dtype": self.dtype_name,
+            "attention_backend": self.backend,
+            "peak_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+        }
+        return EmbedResult(pooled, per_residue, stats)
+
+    def _prefetch(self, sequences: list[str], packs: list[Pack], depth: int = 4):
+        """Yield (pack, tokens, cu_seqlens) on the device; a thread tokenises ahead into pinned memory."""
+        q: queue.Queue = queue.Queue(maxsize=depth)
+        pin = self.device.type == "cuda"
+        stop = threading.Event()
+
+        def work():
+            try:
+                for pack in packs:
+                    if stop.is_set():
+                        return
+                    t = torch.from_numpy(self.tokenizer.pack_tokens(sequences, pack))
+                    c = torch.from_numpy(pack.cu_seqlens)
+                    if pin:
+                        t, c = t.pin_memory(), c.pin_memory()
+                    q.put((pack, t, c))
+            except BaseException as exc:  # surfaced in the consumer
+                q.put(exc)
+                return
+            q.put(None)
+
+        thread = threading.Thread(target=work, daemon=True, name="pack-prefetch")
+        thread.start()
+        try:
+            while (item := q.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                pack, t, c = item
+                yield pack, t.to(self.device, non_blocking=True), c.to(self.device, non_blocking=True)
+        finally:
+            stop.set()
+            while thread.is_alive():
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    thread.join(0.05)
+
+
+def _merge_residues(parts: dict[int, torch.Tensor], item_record, item_start, item_len, n_records: int, dim: int) -> list[np.ndarray]:
+    """Per-residue states per record; overlapping windows are averaged position by position."""
+    lengths = np.zeros(n_records, dtype=np.int64)
+    np.maximum.at(lengths, item_record, item_start + item_len)
+    sums = [np.zeros((n, dim), np.float32) for n in lengths]
+    counts = [np.zeros((n, 1), np.float32) for n in lengths]
+    for i, t in parts.items():
+        r, s, n = int(item_record[i]), int(item_start[i]), int(item_len[i])
+        sums[r][s : s + n] += t.numpy()
+        counts[r][s : s + n] += 1
+    return [s / np.maximum(c, 1) for s, c in zip(sums, counts)]

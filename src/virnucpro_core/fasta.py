@@ -1,0 +1,200 @@
+"""Protein FASTA: streaming parser, residue normalisation, validation and sharding.
+
+Every input record ends as a :class:`Record` (kept) or a :class:`Skipped` (with a
+reason).  With ``on_invalid="error"`` the first bad record raises
+:class:`FastaError`, whose message names the file, the record number and the reason.
+
+Decisions (README, "Input"):
+- upper-cased; whitespace (CR, tabs, spaces) inside sequence lines removed;
+- one trailing ``*`` (Prodigal/pyrodigal stop) removed; an internal ``*`` is invalid;
+- alignment gaps ``-`` and ``.`` removed (ESM-2 embeds unaligned sequences);
+- ``X B U Z O`` kept (ESM knows them), ``J`` and any other letter kept and tokenised
+  as fair-esm's ``<unk>``; digits, punctuation and non-ASCII bytes are invalid;
+- duplicate ids (first word of the header, across all files) are invalid after the
+  first; empty headers, headers that are not UTF-8 and empty sequences are invalid;
+- sequence lines before the first header form an invalid record number 0;
+- whole-file problems (missing, empty, binary, FASTQ, GenBank, truncated gzip) always
+  raise, whatever ``on_invalid`` says: the file, not a record, is wrong.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+log = logging.getLogger(__name__)
+
+KNOWN_LETTERS = frozenset("ACDEFGHIKLMNPQRSTVWYXBUZO")
+GAPS = b"-."
+WHITESPACE = b" \t\r\n\v\f"
+_DELETE = GAPS + WHITESPACE
+
+
+class FastaError(ValueError):
+    """A bad input file or record; the message names file, record and reason."""
+
+
+@dataclass(frozen=True)
+class Record:
+    order: int  # 0-based position among all kept records of all inputs: the output order
+    file: str
+    number: int  # 1-based record number within its file
+    id: str
+    sequence: str  # normalised residues
+
+
+@dataclass(frozen=True)
+class Skipped:
+    file: str
+    number: int
+    id: str
+    reason: str
+
+
+def _open(path: Path):
+    with open(path, "rb") as fh:
+        magic = fh.read(2)
+    if magic == b"\x1f\x8b":
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def _raw_records(path: Path) -> Iterator[tuple[int, int, bytes | None, list[bytes]]]:
+    """Yield (record number, header line number, header bytes or None, sequence lines)."""
+    number, header, header_line, lines = 0, None, 0, []
+    try:
+        with _open(path) as fh:
+            for line_no, line in enumerate(fh, 1):
+                if line.startswith(b">"):
+                    if header is not None or lines:
+                        yield number, header_line, header, lines
+                    number += 1
+                    header, header_line, lines = line[1:].rstrip(b"\r\n"), line_no, []
+                elif line.strip():
+                    if number == 0 and not lines:
+                        _check_not_other_format(path, line, line_no)
+                        header_line = line_no
+                    lines.append(line)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise FastaError(f"{path}: truncated or corrupt gzip file ({exc})") from exc
+    if header is not None or lines:
+        yield number, header_line, header, lines
+
+
+def _check_not_other_format(path: Path, line: bytes, line_no: int) -> None:
+    if b"\x00" in line:
+        raise FastaError(f"{path}: binary data, not FASTA (NUL byte on line {line_no})")
+    if line.startswith(b"LOCUS "):
+        raise FastaError(f"{path}: looks like GenBank (line {line_no} starts with LOCUS), not FASTA")
+    if line.startswith(b"@"):
+        raise FastaError(f"{path}: looks like FASTQ (line {line_no} starts with '@'), not FASTA")
+
+
+def normalise(raw: bytes) -> str:
+    """Return normalised residues, or raise ValueError with the reason."""
+    seq = raw.translate(None, _DELETE).upper()
+    if seq.endswith(b"*"):
+        seq = seq[:-1]
+    if not seq:
+        raise ValueError("empty sequence")
+    bad = seq.translate(None, b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    if bad:
+        ch = bad[:1]
+        pos = seq.index(ch) + 1
+        if ch == b"*":
+            raise ValueError(f"internal stop '*' at residue {pos}")
+        shown = ch.decode("latin-1") if 32 < ch[0] < 127 else f"byte 0x{ch[0]:02x}"
+        raise ValueError(f"illegal character {shown!r} at residue {pos}")
+    return seq.decode("ascii")
+
+
+def read_fasta(
+    paths: Iterable[str | Path],
+    on_invalid: str = "error",
+) -> Iterator[Record | Skipped]:
+    """Stream records of one or more protein FASTA files (plain or gzip) in input order."""
+    if on_invalid not in ("error", "skip"):
+        raise ValueError(f"on_invalid must be 'error' or 'skip', not {on_invalid!r}")
+    seen: dict[str, tuple[str, int]] = {}
+    order = 0
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FastaError(f"{path}: input file does not exist")
+        kept = residues = acgt = 0
+        n_raw = 0
+        for number, line_no, header, lines in _raw_records(path):
+            n_raw += 1
+            rec_id = ""
+            try:
+                if header is None:
+                    raise ValueError(f"sequence data before the first header (line {line_no})")
+                try:
+                    text = header.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise ValueError(f"header is not valid UTF-8 (byte {exc.start + 1})") from None
+                words = text.split()
+                if not words:
+                    raise ValueError("empty header (no id after '>')")
+                rec_id = words[0]
+                seq = normalise(b"".join(lines))
+                if rec_id in seen:
+                    f, n = seen[rec_id]
+                    raise ValueError(f"duplicate id (first seen in {f} record {n})")
+            except ValueError as exc:
+                where = f"{path}: record {number}" + (f" ({rec_id})" if rec_id else "")
+                if on_invalid == "error":
+                    raise FastaError(f"{where}: {exc}") from None
+                log.warning("skipped %s: %s", where, exc)
+                yield Skipped(str(path), number, rec_id, str(exc))
+                continue
+            seen[rec_id] = (str(path), number)
+            kept += 1
+            residues += len(seq)
+            acgt += sum(map(seq.count, "ACGTN"))
+            yield Record(order, str(path), number, rec_id, seq)
+            order += 1
+        if n_raw == 0:
+            raise FastaError(f"{path}: empty file, no FASTA records")
+        if residues and acgt / residues > 0.9:
+            log.warning(
+                "%s: %.0f%% of residues are A/C/G/T/N: this looks like a nucleotide file, "
+                "but it is embedded as protein",
+                path,
+                100 * acgt / residues,
+            )
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Contiguous slices of the kept records: shard i holds records [starts[i], starts[i+1])."""
+
+    starts: list[int]
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.starts) - 1
+
+
+def balance_shards(lengths: list[int], n_shards: int) -> ShardSpec:
+    """Cut records, in input order, into ``n_shards`` contiguous runs of about equal residues.
+
+    Contiguous runs keep input order recoverable (concatenating shards in order gives the
+    input order) and make the split deterministic. Shards may be empty when there are
+    fewer records than shards.
+    """
+    if n_shards < 1:
+        raise ValueError("n_shards must be >= 1")
+    total = sum(lengths)
+    starts, acc, k = [0], 0, 1
+    for i, n in enumerate(lengths):
+        # a record goes to the shard its midpoint falls in
+        while k < n_shards and acc + n / 2 > total * k / n_shards:
+            starts.append(i)
+            k += 1
+        acc += n
+    starts.extend([len(lengths)] * (n_shards + 1 - len(starts)))
+    return ShardSpec(starts)

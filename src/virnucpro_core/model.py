@@ -1,0 +1,178 @@
+"""ESM-2 through fair-esm: by name (fair-esm's download and cache) or a local checkpoint.
+
+Checkpoints are read with ``torch.load(weights_only=True)`` and an explicit allow-list
+(fair-esm's ESM-2 release files hold their config as ``argparse.Namespace``); a file that
+needs any other global is refused, so a hostile pickle never runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import esm
+import torch
+from esm.model.esm2 import ESM2
+
+log = logging.getLogger(__name__)
+
+# name -> (layers, embed_dim, heads), as released by fair-esm
+ESM2_MODELS = {
+    "esm2_t6_8M_UR50D": (6, 320, 20),
+    "esm2_t12_35M_UR50D": (12, 480, 20),
+    "esm2_t30_150M_UR50D": (30, 640, 20),
+    "esm2_t33_650M_UR50D": (33, 1280, 20),
+    "esm2_t36_3B_UR50D": (36, 2560, 40),
+    "esm2_t48_15B_UR50D": (48, 5120, 40),
+}
+MODEL_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
+REGRESSION_URL = "https://dl.fbaipublicfiles.com/fair-esm/regression/{name}-contact-regression.pt"
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and what is wrong."""
+
+
+@dataclass
+class LoadedModel:
+    model: ESM2
+    alphabet: esm.data.Alphabet
+    name: str
+    source: str  # path of the checkpoint file
+    sha256: str
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.num_layers
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.embed_dim
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def safe_load(path: str | Path) -> dict:
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        raise CheckpointError(
+            f"{path}: refused, loading it would need more than tensors and fair-esm's config "
+            f"({first}). Only fair-esm-format checkpoints are loaded, never by full unpickling."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+
+
+def build_esm2(layers: int, embed_dim: int, heads: int, token_dropout: bool = True) -> ESM2:
+    """An ESM-2 of the given shape through fair-esm's own class (random weights)."""
+    return ESM2(num_layers=layers, embed_dim=embed_dim, attention_heads=heads, alphabet="ESM-1b", token_dropout=token_dropout)
+
+
+def save_checkpoint(model: ESM2, path: str | Path) -> None:
+    """Write ``model`` in fair-esm's ESM-2 release format (``cfg`` + ``encoder.``-prefixed state)."""
+    cfg = argparse.Namespace(
+        encoder_layers=model.num_layers,
+        encoder_embed_dim=model.embed_dim,
+        encoder_ffn_embed_dim=4 * model.embed_dim,
+        encoder_attention_heads=model.attention_heads,
+        token_dropout=model.token_dropout,
+    )
+    state = {f"encoder.{k}": v for k, v in model.state_dict().items() if not k.startswith("contact_head.regression")}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"cfg": {"model": cfg}, "model": state}, path)
+
+
+def _model_from_data(data: object, path: Path) -> ESM2:
+    if not isinstance(data, dict) or "model" not in data or "cfg" not in data:
+        raise CheckpointError(f"{path}: not a fair-esm ESM-2 checkpoint (expected a dict with 'cfg' and 'model')")
+    cfg = data["cfg"]["model"] if isinstance(data["cfg"], dict) else None
+    if not isinstance(cfg, argparse.Namespace):
+        raise CheckpointError(f"{path}: 'cfg' has no ESM-2 model config")
+    try:
+        model = build_esm2(cfg.encoder_layers, cfg.encoder_embed_dim, cfg.encoder_attention_heads, cfg.token_dropout)
+    except AttributeError as exc:
+        raise CheckpointError(f"{path}: ESM-2 config lacks {exc.name!r}") from None
+    # fair-esm's own key upgrade (esm.pretrained._load_model_and_alphabet_core_v2)
+    pattern = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")
+    state = {pattern.sub("", k): v for k, v in data["model"].items()}
+    expected = model.state_dict()
+    optional = {"contact_head.regression.weight", "contact_head.regression.bias"}
+    missing = sorted(set(expected) - set(state) - optional)
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{k} {tuple(state[k].shape)} (config expects {tuple(expected[k].shape)})"
+        for k in sorted(set(state) & set(expected))
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    shape = f"{cfg.encoder_layers} layers, dim {cfg.encoder_embed_dim}, {cfg.encoder_attention_heads} heads"
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors, e.g. {', '.join(unexpected[:3])}")
+    if wrong:
+        problems.append(f"wrong shapes: {'; '.join(wrong[:3])}")
+    if problems:
+        raise CheckpointError(f"{path}: does not match the ESM-2 architecture its config names ({shape}): " + "; ".join(problems))
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def load_checkpoint(path: str | Path) -> LoadedModel:
+    """Load a fair-esm-format ESM-2 checkpoint file; the contact-regression companion is optional."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file does not exist")
+    data = safe_load(path)
+    regression = path.with_name(path.stem + "-contact-regression.pt")
+    if regression.is_file():
+        data["model"].update(safe_load(regression)["model"])
+    model = _model_from_data(data, path).eval()
+    return LoadedModel(model, model.alphabet, path.stem, str(path), sha256(path))
+
+
+def checkpoint_path(name: str, model_dir: str | Path | None = None) -> Path:
+    """Where fair-esm caches ``name`` (torch hub's checkpoints folder) or ``model_dir/name.pt``."""
+    folder = Path(model_dir) if model_dir else Path(torch.hub.get_dir()) / "checkpoints"
+    return folder / f"{name}.pt"
+
+
+def fetch_model(name: str, model_dir: str | Path | None = None) -> Path:
+    """Download fair-esm's release of ``name`` once (fair-esm's URLs, torch hub's downloader)."""
+    if name not in ESM2_MODELS:
+        raise CheckpointError(f"unknown model name {name!r}; known: {', '.join(ESM2_MODELS)}")
+    dest = checkpoint_path(name, model_dir)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for url, target in (
+        (MODEL_URL.format(name=name), dest),
+        (REGRESSION_URL.format(name=name), dest.with_name(f"{name}-contact-regression.pt")),
+    ):
+        if not target.is_file():
+            log.info("downloading %s -> %s", url, target)
+            torch.hub.download_url_to_file(url, str(target), progress=False)
+    return dest
+
+
+def load_model(spec: str, model_dir: str | Path | None = None) -> LoadedModel:
+    """``spec`` is a fair-esm model name (downloaded once, then cached) or a checkpoint path."""
+    if spec in ESM2_MODELS:
+        return load_checkpoint(fetch_model(spec, model_dir))
+    if spec.endswith(".pt") or Path(spec).exists():
+        return load_checkpoint(spec)
+    raise CheckpointError(f"model {spec!r} is neither a fair-esm ESM-2 name ({', '.join(ESM2_MODELS)}) nor a checkpoint file")

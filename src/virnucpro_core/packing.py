@@ -1,0 +1,205 @@
+"""Packing plan: windows for long sequences, first-fit-decreasing packs, tokenisation.
+
+A plan is data: one row per item ``(pack, record, start, length)``, where ``record`` is
+the row of the record in its shard and ``[start, start + length)`` the residues the item
+embeds. Every item costs ``length + 2`` tokens (fair-esm's BOS and EOS).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MAX_RESIDUES = 1022  # ESM-2 was trained on 1024 tokens: BOS + 1022 residues + EOS
+
+
+@dataclass(frozen=True)
+class Pack:
+    records: np.ndarray  # int64 row in the shard, one per item
+    starts: np.ndarray  # int64 first residue of the item
+    lengths: np.ndarray  # int64 residues of the item
+
+    @property
+    def tokens(self) -> int:
+        return int(self.lengths.sum()) + 2 * len(self.lengths)
+
+    @property
+    def cu_seqlens(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.lengths + 2)]).astype(np.int32)
+
+    def split(self) -> tuple["Pack", "Pack"]:
+        h = len(self.lengths) // 2
+        return (
+            Pack(self.records[:h], self.starts[:h], self.lengths[:h]),
+            Pack(self.records[h:], self.starts[h:], self.lengths[h:]),
+        )
+
+
+@dataclass
+class Plan:
+    budget: int  # tokens per pack
+    packs: list[Pack]
+    n_records: int
+    stats: dict = field(default_factory=dict)
+
+    def efficiency(self) -> float:
+        """Padding-free efficiency: real tokens / (budget x packs)."""
+        if not self.packs:
+            return 1.0
+        return sum(p.tokens for p in self.packs) / (self.budget * len(self.packs))
+
+
+def windows(length: int, policy: str, overlap: int, max_residues: int = MAX_RESIDUES) -> list[tuple[int, int]]:
+    """(start, length) items for one record of ``length`` residues.
+
+    ``truncate`` keeps the first ``max_residues`` (fair-esm's behaviour); ``split`` cuts
+    windows of ``max_residues`` that overlap by at least ``overlap`` residues, the last one
+    ending at the last residue, so every residue is covered.
+    """
+    if length <= max_residues:
+        return [(0, length)]
+    if policy == "truncate":
+        return [(0, max_residues)]
+    if policy != "split":
+        raise ValueError(f"long-sequence policy must be 'truncate' or 'split', not {policy!r}")
+    if not 0 <= overlap < max_residues:
+        raise ValueError(f"window overlap must be in [0, {max_residues}), not {overlap}")
+    step = max_residues - overlap
+    n = -(-(length - max_residues) // step) + 1  # windows needed
+    starts = np.linspace(0, length - max_residues, n).round().astype(int)
+    return [(int(s), max_residues) for s in starts]
+
+
+def first_fit_decreasing(sizes: np.ndarray, budget: int) -> np.ndarray:
+    """Bin index for every item: items in decreasing size, each to the first bin it fits.
+
+    A max-segment-tree over bin capacities finds the first fitting bin in O(log n).
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if len(sizes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    if sizes.max() > budget:
+        raise ValueError(f"an item of {sizes.max()} tokens exceeds the token budget {budget}")
+    order = np.argsort(-sizes, kind="stable")
+    leaves = 1 << (len(sizes) - 1).bit_length()
+    tree = [budget] * (2 * leaves)
+    bins = np.empty(len(sizes), dtype=np.int64)
+    for idx, s in zip(order.tolist(), sizes[order].tolist()):
+        i = 1
+        while i < leaves:
+            i = 2 * i if tree[2 * i] >= s else 2 * i + 1
+        bins[idx] = i - leaves
+        tree[i] -= s
+        i //= 2
+        while i:
+            tree[i] = max(tree[2 * i], tree[2 * i + 1])
+            i //= 2
+    return bins
+
+
+def build_plan(
+    lengths: np.ndarray | list[int],
+    budget: int,
+    policy: str = "truncate",
+    overlap: int = 256,
+    max_residues: int = MAX_RESIDUES,
+) -> Plan:
+    """Plan packs for records of the given lengths (rows of one shard)."""
+    if budget < max_residues + 2:
+        raise ValueError(f"token budget {budget} is below one full sequence ({max_residues + 2} tokens)")
+    rec, st, ln = [], [], []
+    for r, n in enumerate(np.asarray(lengths).tolist()):
+        for s, w in windows(n, policy, overlap, max_residues):
+            rec.append(r)
+            st.append(s)
+            ln.append(w)
+    rec_a, st_a, ln_a = (np.asarray(x, dtype=np.int64) for x in (rec, st, ln))
+    bins = first_fit_decreasing(ln_a + 2, budget)
+    # packs in bin order (longest first); items within a pack in decreasing length
+    order = np.lexsort((-ln_a, bins))
+    bounds = np.flatnonzero(np.diff(bins[order])) + 1
+    packs = [Pack(rec_a[i], st_a[i], ln_a[i]) for i in np.split(order, bounds)] if len(order) else []
+    plan = Plan(budget, packs, len(lengths))
+    plan.stats = plan_stats(plan, np.asarray(lengths, dtype=np.int64))
+    return plan
+
+
+def plan_stats(plan: Plan, lengths: np.ndarray) -> dict:
+    tokens = [p.tokens for p in plan.packs]
+    n_items = sum(len(p.lengths) for p in plan.packs)
+    return {
+        "records": int(plan.n_records),
+        "items": int(n_items),
+        "split_records": int(n_items - len({int(r) for p in plan.packs for r in p.records})),
+        "residues_in_records": int(lengths.sum()),
+        "residues_embedded": int(sum(int(p.lengths.sum()) for p in plan.packs)),
+        "packs": len(plan.packs),
+        "budget": plan.budget,
+        "tokens": int(sum(tokens)),
+        "tokens_per_pack_min": int(min(tokens, default=0)),
+        "tokens_per_pack_median": float(np.median(tokens)) if tokens else 0.0,
+        "efficiency": plan.efficiency(),
+    }
+
+
+def save_plan(plan: Plan, path: str | Path) -> None:
+    """Write the plan as Parquet (one row per item), stats in the schema metadata."""
+    pack_ids = np.concatenate([np.full(len(p.lengths), i) for i, p in enumerate(plan.packs)] or [np.zeros(0)])
+    cat = lambda attr: np.concatenate([getattr(p, attr) for p in plan.packs] or [np.zeros(0)])  # noqa: E731
+    table = pa.table(
+        {
+            "pack": pa.array(pack_ids, pa.int32()),
+            "record": pa.array(cat("records"), pa.int64()),
+            "start": pa.array(cat("starts"), pa.int32()),
+            "length": pa.array(cat("lengths"), pa.int32()),
+        }
+    )
+    meta = {"budget": plan.budget, "n_records": plan.n_records, "stats": plan.stats}
+    table = table.replace_schema_metadata({"virnucpro_plan": json.dumps(meta)})
+    from .parquet import atomic_write_table
+
+    atomic_write_table(table, path)
+
+
+def load_plan(path: str | Path) -> Plan:
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[b"virnucpro_plan"])
+    pack = table["pack"].to_numpy()
+    cols = [table[c].to_numpy().astype(np.int64) for c in ("record", "start", "length")]
+    bounds = np.flatnonzero(np.diff(pack)) + 1
+    packs = [Pack(*(c[s:e] for c in cols)) for s, e in zip(np.r_[0, bounds], np.r_[bounds, len(pack)]) if e > s]
+    return Plan(meta["budget"], packs, meta["n_records"], meta["stats"])
+
+
+class Tokenizer:
+    """fair-esm's ESM-1b/ESM-2 tokens through a 256-entry lookup table over bytes.
+
+    Same ids as ``Alphabet.from_architecture("ESM-1b")`` with BOS and EOS; letters the
+    alphabet does not know (``J``) become ``<unk>`` instead of fair-esm's KeyError.
+    """
+
+    def __init__(self, alphabet) -> None:
+        self.bos, self.eos, self.pad = alphabet.cls_idx, alphabet.eos_idx, alphabet.padding_idx
+        self.lut = np.full(256, alphabet.unk_idx, dtype=np.int64)
+        for tok, idx in alphabet.tok_to_idx.items():
+            if len(tok) == 1:
+                self.lut[ord(tok)] = idx
+
+    def pack_tokens(self, sequences: list[str], pack: Pack) -> np.ndarray:
+        """1-D tokens of a pack: BOS residues EOS per item, items back to back."""
+        body = "".join(sequences[r][s : s + n] for r, s, n in zip(pack.records.tolist(), pack.starts.tolist(), pack.lengths.tolist()))
+        codes = self.lut[np.frombuffer(body.encode("ascii"), dtype=np.uint8)]
+        cu = pack.cu_seqlens
+        out = np.empty(cu[-1], dtype=np.int64)
+        is_special = np.zeros(cu[-1], dtype=bool)
+        is_special[cu[:-1]] = True
+        is_special[cu[1:] - 1] = True
+        out[cu[:-1]] = self.bos
+        out[cu[1:] - 1] = self.eos
+        out[~is_special] = codes
+        return out

@@ -1,0 +1,71 @@
+"""Parquet I/O: embeddings tables with provenance metadata, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def atomic_write_table(table: pa.Table, path: str | Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A killed job never leaves a partial file under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def fixed_size_list(array: np.ndarray) -> pa.FixedSizeListArray:
+    """(N, D) float32/float16 array -> fixed_size_list<float>[D] column."""
+    array = np.ascontiguousarray(array)
+    return pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1])
+
+
+def ragged_list(arrays: list[np.ndarray]) -> pa.ListArray:
+    """Per-residue (L_i, D) arrays -> list<fixed_size_list<float>[D]> column."""
+    dim = arrays[0].shape[1] if arrays else 0
+    flat = np.concatenate(arrays) if arrays else np.zeros((0, dim), np.float32)
+    offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), fixed_size_list(flat))
+
+
+def embeddings_table(
+    ids: list[str],
+    lengths: np.ndarray,
+    columns: dict[str, np.ndarray | list[np.ndarray]],
+    metadata: dict,
+) -> pa.Table:
+    """Table with ``id`` string, ``length`` int32 and one column per embedding."""
+    data = {"id": pa.array(ids, pa.string()), "length": pa.array(np.asarray(lengths), pa.int32())}
+    for name, values in columns.items():
+        data[name] = ragged_list(values) if isinstance(values, list) else fixed_size_list(values)
+    table = pa.table(data)
+    return table.replace_schema_metadata({"virnucpro": json.dumps(metadata, sort_keys=True)})
+
+
+def read_metadata(path: str | Path) -> dict:
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(b"virnucpro", b"{}"))
+
+
+def column_array(table: pa.Table, name: str) -> np.ndarray:
+    """A fixed_size_list column as an (N, D) numpy array."""
+    col = table[name].combine_chunks()
+    dim = col.type.list_size
+    return col.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
