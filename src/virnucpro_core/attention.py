@@ -81,10 +81,11 @@ def reference_attention(q, k, v, cu_seqlens, scale):
     return out
 
 
-def position_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """0, 1, ..., L_i - 1 for every sequence of a pack: positions restart at each boundary."""
+def position_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """0, 1, ..., L_i - 1 for every sequence of a pack: positions restart at each boundary.
+
+    ``total`` (= cu_seqlens[-1]) comes from the host so that nothing waits on the GPU."""
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    total = int(cu_seqlens[-1])
     starts = torch.repeat_interleave(cu_seqlens[:-1], lengths, output_size=total)
     return torch.arange(total, device=cu_seqlens.device) - starts
 

@@ -76,12 +76,23 @@ class EmbedResult:
 
 
 class Embedder:
-    def __init__(self, loaded: LoadedModel, device: str | torch.device = "cpu", dtype: str = "float32", backend: str = "auto") -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        device: str | torch.device = "cpu",
+        dtype: str = "float32",
+        backend: str = "auto",
+        compile: bool | None = None,
+        fp32_residual: bool = True,
+    ) -> None:
+        """``compile``: torch.compile the fused layer parts (default: on a GPU)."""
         self.device = torch.device(device)
         self.dtype_name = dtype
         model = loaded.model.to(device=self.device, dtype=DTYPES[dtype]).eval()
         self.loaded = loaded
-        self.packed = PackedESM2(model, backend)
+        if compile is None:
+            compile = self.device.type == "cuda"
+        self.packed = PackedESM2(model, backend, compile=compile, fp32_residual=fp32_residual)
         self.tokenizer = Tokenizer(loaded.alphabet)
         self.fail_hook = None  # tests: called with each pack before its forward, may raise OOM
 
@@ -94,15 +105,15 @@ class Embedder:
             self.fail_hook(pack)
         return self.packed(tokens, cu, int(pack.lengths.max()) + 2, layers)
 
-    def _run(self, pack: Pack, items: np.ndarray, tokens: torch.Tensor, cu: torch.Tensor, outputs: Outputs, sink) -> None:
-        """Forward one pack (its items numbered ``items``) and hand the outputs to ``sink``;
-        split and retry on OOM."""
+    def _run(self, pack: Pack, first: int, tokens: torch.Tensor, cu: torch.Tensor, outputs: Outputs, sink) -> None:
+        """Forward one pack (its items numbered from ``first`` on) and hand the outputs to
+        ``sink``; split and retry on OOM."""
         try:
             hidden = self._forward(pack, tokens, cu, outputs.all_layers)
         except torch.cuda.OutOfMemoryError:
             hidden = None
         if hidden is not None:
-            sink(items, cu, hidden)
+            sink(first, cu, hidden)
             return
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -117,7 +128,7 @@ class Embedder:
         for part, (a, b) in zip(pack.split(), ((0, h), (h, len(pack.lengths)))):
             t = tokens[int(cu_host[a]) : int(cu_host[b])]
             c = cu[a : b + 1] - cu[a]
-            self._run(part, items[a:b], t, c, outputs, sink)
+            self._run(part, first + a, t, c, outputs, sink)
 
     def embed(self, sequences: list[str], plan: Plan, outputs: Outputs, progress_every: float = 30.0) -> EmbedResult:
         """Embed every record of a shard (``sequences`` in shard order) following ``plan``."""
@@ -134,18 +145,18 @@ class Embedder:
         # items are numbered in plan order
         first_item = np.concatenate([[0], np.cumsum([len(p.lengths) for p in plan.packs])]).astype(np.int64)
 
-        def sink(idx: np.ndarray, cu: torch.Tensor, hidden: dict[int, torch.Tensor]) -> None:
-            idx_t = torch.as_tensor(idx, device=dev)
+        def sink(first: int, cu: torch.Tensor, hidden: dict[int, torch.Tensor]) -> None:
+            n = len(cu) - 1
             for col, layer, how in columns:
-                item_rows[col].index_copy_(0, idx_t, pool(hidden[layer], cu, how))
+                item_rows[col][first : first + n] = pool(hidden[layer], cu, how)
             for layer in outputs.per_residue_layers:
-                for i, r in zip(idx.tolist(), residues(hidden[layer], cu)):
+                for i, r in enumerate(residues(hidden[layer], cu), first):
                     residue_parts[f"per_residue_l{layer}"][i] = r.float().cpu()
 
         tokens_done, t0, last = 0, time.perf_counter(), time.perf_counter()
         total_tokens = sum(p.tokens for p in plan.packs)
         for pi, (pack, tokens, cu) in enumerate(self._prefetch(sequences, plan.packs)):
-            self._run(pack, np.arange(first_item[pi], first_item[pi + 1]), tokens, cu, outputs, sink)
+            self._run(pack, int(first_item[pi]), tokens, cu, outputs, sink)
             tokens_done += pack.tokens
             now = time.perf_counter()
             if now - last > progress_every:

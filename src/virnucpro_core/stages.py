@@ -22,7 +22,7 @@ from .devices import acquire_device
 from .embed import Embedder, Outputs
 from .equivalence import Thresholds, compare, downstream, reference_hidden
 from .fasta import Record, Skipped, balance_shards, read_fasta
-from .model import load_model, sha256
+from .model import LoadedModel, load_model, sha256
 from .packed_esm import residues as split_residues
 from .packing import Pack, build_plan, load_plan, save_plan, windows
 from .parquet import atomic_write_table, column_array, embeddings_table, read_metadata
@@ -137,7 +137,7 @@ def pc_lengths(table: pa.Table) -> np.ndarray:
 def embed_stage(
     shard: str | Path,
     plan: str | Path,
-    model: str,
+    model: str | LoadedModel,
     out: str | Path,
     device: str = "auto",
     dtype: str = "bfloat16",
@@ -155,7 +155,7 @@ def embed_stage(
     the_plan = load_plan(plan)
     if the_plan.n_records != len(sequences):
         raise ValueError(f"{plan} plans {the_plan.n_records} records but {shard} has {len(sequences)}")
-    loaded = load_model(model, model_dir)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, model_dir)
     with acquire_device(lock_dir, device) as dev:
         if dev == "cpu" and dtype != "float32":
             log.info("on the CPU: computing in float32 instead of %s", dtype)

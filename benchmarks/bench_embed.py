@@ -1,0 +1,232 @@
+"""Throughput of every contender in one process on one GPU (issue: throughput).
+
+    python benchmarks/bench_embed.py --out benchmarks/results/<device>-<date>.json
+
+Random-weight ESM-2 of the real shapes, bf16. Datasets (fixed seed): "uniref", proteins with
+log-normal lengths (median 300, clipped to 30..1022); "reads", VirNucPro-style translated
+reads of 60..166 residues. Tokens = residues + BOS + EOS. Contenders, each from sequences to
+pooled (mean) embeddings on the host:
+- fair-esm bf16, length-sorted batches of 16384 tokens (the baseline; esm-extract's batching);
+- Hugging Face ``EsmModel`` with SDPA attention, the same batches;
+- this engine (packed, varlen FlashAttention), in several settings;
+- the whole embed stage, FASTA file -> shard -> plan -> Parquet file.
+MFU = tokens/s x 2 x parameters / the measured bf16 matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from virnucpro_core import stages
+from virnucpro_core.embed import Embedder, Outputs
+from virnucpro_core.model import ESM2_MODELS, LoadedModel, build_esm2
+from virnucpro_core.packing import build_plan
+
+AA = "ACDEFGHIKLMNPQRSTVWY"
+SHAPES = {"650M": "esm2_t33_650M_UR50D", "3B": "esm2_t36_3B_UR50D", "8M": "esm2_t6_8M_UR50D"}
+
+
+def dataset(kind: str, n_tokens: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    lengths = []
+    while sum(lengths) + 2 * len(lengths) < n_tokens:
+        if kind == "uniref":
+            lengths.append(int(np.clip(rng.lognormal(np.log(300), 0.6), 30, 1022)))
+        else:
+            lengths.append(int(rng.integers(60, 167)))
+    alphabet = np.frombuffer(AA.encode(), dtype=np.uint8)
+    return [alphabet[rng.integers(0, 20, n)].tobytes().decode() for n in lengths]
+
+
+def sync_time(fn) -> float:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def matmul_peak(n: int = 8192, reps: int = 10) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return 2 * n**3 / statistics.median(times)
+
+
+def sorted_batches(seqs: list[str], toks_per_batch: int) -> list[list[int]]:
+    """esm-extract's batching: sequences sorted by length, (max_len + 2) x n <= toks_per_batch."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    batches, cur, cur_max = [], [], 0
+    for i in order:
+        n = len(seqs[i]) + 2
+        if cur and max(cur_max, n) * (len(cur) + 1) > toks_per_batch:
+            batches.append(cur)
+            cur, cur_max = [], 0
+        cur.append(i)
+        cur_max = max(cur_max, n)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+@torch.inference_mode()
+def run_fair_esm(model, alphabet, seqs, batches) -> np.ndarray:
+    conv = alphabet.get_batch_converter()
+    layer = model.num_layers
+    out = torch.empty(len(seqs), model.embed_dim, device="cuda")
+    for b in batches:
+        _, _, toks = conv([(str(i), seqs[i]) for i in b])
+        toks = toks.cuda(non_blocking=True)
+        rep = model(toks, repr_layers=[layer])["representations"][layer]
+        mask = ((toks != alphabet.padding_idx) & (toks != alphabet.cls_idx) & (toks != alphabet.eos_idx)).unsqueeze(-1)
+        out[torch.tensor(b, device="cuda")] = (rep.float() * mask).sum(1) / mask.sum(1)
+    return out.cpu().numpy()
+
+
+@torch.inference_mode()
+def run_hf(model, alphabet, seqs, batches) -> np.ndarray:
+    conv = alphabet.get_batch_converter()
+    out = torch.empty(len(seqs), model.config.hidden_size, device="cuda")
+    for b in batches:
+        _, _, toks = conv([(str(i), seqs[i]) for i in b])
+        toks = toks.cuda(non_blocking=True)
+        att = (toks != alphabet.padding_idx).long()
+        rep = model(input_ids=toks, attention_mask=att).last_hidden_state
+        mask = (att.bool() & (toks != alphabet.cls_idx) & (toks != alphabet.eos_idx)).unsqueeze(-1)
+        out[torch.tensor(b, device="cuda")] = (rep.float() * mask).sum(1) / mask.sum(1)
+    return out.cpu().numpy()
+
+
+def hf_model(layers, dim, heads):
+    from transformers import EsmConfig, EsmModel
+
+    cfg = EsmConfig(
+        vocab_size=33, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=4 * dim,
+        position_embedding_type="rotary", token_dropout=True, pad_token_id=1, mask_token_id=32, layer_norm_eps=1e-5,
+        emb_layer_norm_before=False, max_position_embeddings=1026,
+    )
+    cfg._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        m = EsmModel(cfg, add_pooling_layer=False)
+    return m.to(torch.bfloat16).eval()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="650M,3B")
+    ap.add_argument("--tokens", type=int, default=1_000_000)
+    ap.add_argument("--tokens-3b", type=int, default=500_000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--baseline-repeats", type=int, default=2)
+    ap.add_argument("--budgets", default="16384,65536")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    peak = matmul_peak()
+    print(f"bf16 matmul peak (8192^3, median of 10): {peak / 1e12:.0f} TFLOP/s", flush=True)
+    records = []
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    doc = {"device": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(), "commit": commit,
+           "torch": torch.__version__, "bf16_peak_tflops": peak / 1e12, "records": records}
+    budgets = [int(b) for b in args.budgets.split(",")]
+
+    def record(model, data, variant, times, tokens, params, peak_gib, base=None):
+        tps = tokens / statistics.median(times)
+        r = {
+            "model": model, "dataset": data, "variant": variant, "tok_per_s": tps,
+            "ratio_vs_baseline": tps / base if base else 1.0, "mfu": tps * 2 * params / peak,
+            "peak_gib": peak_gib, "runs_s": times, "tokens": tokens,
+        }
+        records.append(r)
+        print(f"{model:>20} {data:>7} {variant:<40} {tps:>10.0f} tok/s  x{r['ratio_vs_baseline']:.2f}  MFU {100 * r['mfu']:.1f}%  "
+              f"peak {peak_gib:.1f} GiB  runs {[round(t, 2) for t in times]}", flush=True)
+        if args.out:  # after every record, so a run cut short keeps what it measured
+            Path(args.out).write_text(json.dumps(doc, indent=1))
+        return tps
+
+    for shape in args.shapes.split(","):
+        name = SHAPES[shape]
+        layers, dim, heads = ESM2_MODELS[name]
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            esm2 = build_esm2(layers, dim, heads)
+        esm2 = esm2.to(torch.bfloat16).eval()
+        params = sum(p.numel() for p in esm2.parameters())
+        loaded = LoadedModel(esm2, esm2.alphabet, name, "random", "-")
+        datasets = ["uniref", "reads"] if shape == "650M" else ["uniref"]
+        for data in datasets:
+            seqs = dataset(data, args.tokens if shape != "3B" else args.tokens_3b)
+            tokens = sum(len(s) + 2 for s in seqs)
+            batches = sorted_batches(seqs, 16384)
+            print(f"\n{name}: {params / 1e6:.0f}M parameters; {data}: {len(seqs)} sequences, {tokens} tokens", flush=True)
+
+            def timed(fn, repeats):
+                fn_warm = fn  # one warm-up pass (compilation, cuBLAS heuristics, allocator)
+                fn_warm()
+                torch.cuda.reset_peak_memory_stats()
+                times = [sync_time(fn) for _ in range(repeats)]
+                return times, torch.cuda.max_memory_allocated() / 2**30
+
+            t, m = timed(lambda: run_fair_esm(esm2, esm2.alphabet, seqs, batches), args.baseline_repeats)
+            base = record(name, data, "fair-esm bf16 sorted 16384 tok/batch", t, tokens, params, m)
+            if not args.skip_hf:
+                hf = hf_model(layers, dim, heads)
+                t, m = timed(lambda: run_hf(hf, esm2.alphabet, seqs, batches), args.baseline_repeats)
+                record(name, data, "HF EsmModel SDPA bf16 sorted 16384", t, tokens, params, m, base)
+                del hf
+                torch.cuda.empty_cache()
+            lengths = [len(s) for s in seqs]
+            settings = [(b, True, True) for b in budgets] + [(budgets[-1], False, True), (budgets[-1], True, False)]
+            for budget, comp, res32 in settings:
+                emb = Embedder(loaded, "cuda", "bfloat16", compile=comp, fp32_residual=res32)
+                outputs = Outputs.resolve(layers)
+
+                def go():
+                    plan = build_plan(lengths, budget)
+                    return emb.embed(seqs, plan, outputs, progress_every=1e9)
+
+                t, m = timed(go, args.repeats)
+                label = f"engine {emb.backend} budget {budget}" + ("" if comp else " no-compile") + ("" if res32 else " bf16-residual")
+                record(name, data, label, t, tokens, params, m, base)
+            # the whole stage: FASTA -> shard -> plan -> embed -> Parquet
+            with tempfile.TemporaryDirectory() as tmp:
+                fasta = Path(tmp) / "in.faa"
+                fasta.write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(seqs)))
+
+                def stage():
+                    stages.shard_stage([str(fasta)], Path(tmp) / "shards", n_shards=1)
+                    stages.plan_stage(Path(tmp) / "shards/shard_0000.parquet", Path(tmp) / "plan.parquet", budgets[-1])
+                    stages.embed_stage(Path(tmp) / "shards/shard_0000.parquet", Path(tmp) / "plan.parquet", loaded,
+                                       Path(tmp) / "emb.parquet", device="cuda", lock_dir=Path(tmp) / "locks")
+
+                t, m = timed(stage, args.repeats)
+                record(name, data, f"stage FASTA->Parquet budget {budgets[-1]}", t, tokens, params, m, base)
+        del esm2, loaded
+        torch.cuda.empty_cache()
+
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
