@@ -1,0 +1,23 @@
+# virnucpro: protein FASTA -> packed ESM-2 embeddings in Parquet.
+# FASTA -> shards -> packing plan -> embedding (one GPU per job) -> spot-check -> merge.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/model.smk"
+include: "workflow/rules/shard.smk"
+include: "workflow/rules/plan.smk"
+include: "workflow/rules/embed.smk"
+include: "workflow/rules/spot_check.smk"
+include: "workflow/rules/merge.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.merge.output,

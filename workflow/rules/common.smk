@@ -1,0 +1,74 @@
+import glob
+import os
+
+from snakemake.utils import validate
+
+validate(config, "../schemas/config.schema.yaml")
+
+OUT = config["outdir"]
+CORE = "python -m virnucpro_core"
+ESM2_NAMES = {
+    "esm2_t6_8M_UR50D",
+    "esm2_t12_35M_UR50D",
+    "esm2_t30_150M_UR50D",
+    "esm2_t33_650M_UR50D",
+    "esm2_t36_3B_UR50D",
+    "esm2_t48_15B_UR50D",
+}
+
+
+wildcard_constraints:
+    shard=r"shard_\d{4}",
+
+
+def input_fastas():
+    """The FASTA inputs: a path, a glob or a list of them, in the order given."""
+    patterns = config["input"]
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    files = []
+    for pattern in patterns:
+        found = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not found:
+            raise ValueError(f"config 'input': no file matches {pattern!r}")
+        for f in found:
+            if not os.path.isfile(f):
+                raise ValueError(f"config 'input': {f!r} does not exist")
+            files.append(f)
+    return files
+
+
+def model_file(wildcards=None):
+    """A named model comes from fetch_model; a checkpoint path is used as is."""
+    model = config["model"]
+    if model in ESM2_NAMES:
+        return f"{config['model_dir']}/{model}.pt"
+    if not os.path.isfile(model):
+        raise ValueError(
+            f"config 'model': {model!r} is neither a fair-esm ESM-2 name "
+            f"({', '.join(sorted(ESM2_NAMES))}) nor an existing checkpoint file"
+        )
+    return model
+
+
+def shard_names():
+    shard_dir = checkpoints.shard_fasta.get().output.shards
+    return sorted(glob_wildcards(os.path.join(shard_dir, "{shard}.parquet")).shard)
+
+
+def shard_embeddings(wildcards):
+    return expand(f"{OUT}/embeddings/{{shard}}.parquet", shard=shard_names())
+
+
+def shard_spot_checks(wildcards):
+    return expand(f"{OUT}/spot_check/{{shard}}.tsv", shard=shard_names())
+
+
+def shard_count_arg():
+    if config["residues_per_shard"]:
+        return f"--residues-per-shard {config['residues_per_shard']}"
+    return f"--shards {config['shards']}"
+
+
+def csv(values):
+    return ",".join(str(v) for v in values)
