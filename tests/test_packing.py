@@ -1,0 +1,78 @@
+"""Packing plan: FFD correctness, windows, round trip, tokens equal fair-esm's."""
+
+import numpy as np
+import pytest
+
+from conftest import random_protein
+from virnucpro_core.packing import MAX_RESIDUES, Pack, Tokenizer, build_plan, first_fit_decreasing, load_plan, save_plan, windows
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ffd_never_exceeds_budget_and_covers_every_record_once(seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 3000, 800)
+    budget = int(rng.choice([1024, 4096, 16384]))
+    plan = build_plan(lengths, budget, policy="split", overlap=100)
+    assert all(p.tokens <= budget for p in plan.packs)
+    covered = {}
+    for p in plan.packs:
+        for r, s, n in zip(p.records.tolist(), p.starts.tolist(), p.lengths.tolist()):
+            assert (r, s) not in covered
+            covered[(r, s)] = n
+    for r, n in enumerate(lengths.tolist()):
+        got = sorted((s, w) for (rr, s), w in covered.items() if rr == r)
+        assert got == windows(n, "split", 100)
+    assert 0 < plan.efficiency() <= 1
+
+
+def test_ffd_is_first_fit_decreasing():
+    # FFD on 7, 5, 4, 3, 1 with capacity 10: [7 3], [5 4 1]
+    bins = first_fit_decreasing(np.array([4, 7, 3, 5, 1]), 10)
+    groups = sorted(sorted(np.array([4, 7, 3, 5, 1])[bins == b].tolist()) for b in set(bins.tolist()))
+    assert groups == [[1, 4, 5], [3, 7]]
+
+
+def test_item_over_budget_is_refused():
+    with pytest.raises(ValueError, match="exceeds the token budget"):
+        first_fit_decreasing(np.array([2000]), 1024)
+    with pytest.raises(ValueError, match="below one full sequence"):
+        build_plan([10], 512)
+
+
+def test_windows():
+    assert windows(1022, "split", 256) == [(0, 1022)]
+    assert windows(5000, "truncate", 256) == [(0, MAX_RESIDUES)]
+    w = windows(3000, "split", 256)
+    assert w[0] == (0, 1022) and w[-1] == (3000 - 1022, 1022)
+    assert all(b[0] - (a[0] + a[1]) <= -256 for a, b in zip(w, w[1:]))  # overlap of at least 256
+    with pytest.raises(ValueError, match="policy"):
+        windows(2000, "drop", 0)
+
+
+def test_plan_round_trip(tmp_path):
+    plan = build_plan(np.array([5, 1500, 300, 1022, 1023]), 2048, "split", 200)
+    save_plan(plan, tmp_path / "p.parquet")
+    back = load_plan(tmp_path / "p.parquet")
+    assert back.budget == 2048 and back.n_records == 5 and back.stats == plan.stats
+    assert len(back.packs) == len(plan.packs)
+    for a, b in zip(plan.packs, back.packs):
+        assert (a.records == b.records).all() and (a.starts == b.starts).all() and (a.lengths == b.lengths).all()
+    assert plan.stats["split_records"] == 2
+
+
+def test_tokens_equal_fair_esm(tiny_model, rng):
+    alphabet = tiny_model.alphabet
+    seqs = [random_protein(rng, n, "ACDEFGHIKLMNPQRSTVWYXBUZO") for n in (1, 7, 300)]
+    tok = Tokenizer(alphabet)
+    pack = Pack(np.arange(3), np.zeros(3, int), np.array([1, 7, 300]))
+    got = tok.pack_tokens(seqs, pack)
+    _, _, ref = alphabet.get_batch_converter()([(str(i), s) for i, s in enumerate(seqs)])
+    expected = np.concatenate([ref[i, : len(s) + 2].numpy() for i, s in enumerate(seqs)])
+    assert (got == expected).all()
+
+
+def test_unknown_letters_become_unk(tiny_model):
+    tok = Tokenizer(tiny_model.alphabet)
+    got = tok.pack_tokens(["AJA"], Pack(np.array([0]), np.array([0]), np.array([3])))
+    a = tiny_model.alphabet
+    assert got.tolist() == [a.cls_idx, a.get_idx("A"), a.unk_idx, a.get_idx("A"), a.eos_idx]
