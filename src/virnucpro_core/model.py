@@ -57,10 +57,26 @@ class LoadedModel:
 
 
 def sha256(path: str | Path) -> str:
+    """SHA-256 of a file, remembered in a ``.<name>.sha256`` sidecar keyed on size and mtime
+    (checkpoints are GBs, and every job records the checksum of the one it used)."""
+    path = Path(path)
+    st = path.stat()
+    key = f"{st.st_size} {st.st_mtime_ns}"
+    sidecar = path.with_name(f".{path.name}.sha256")
+    try:
+        cached_key, digest = sidecar.read_text().rsplit(" ", 1)
+        if cached_key == key:
+            return digest
+    except (OSError, ValueError):
+        pass
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 24), b""):
             h.update(chunk)
+    try:
+        sidecar.write_text(f"{key} {h.hexdigest()}")
+    except OSError:
+        pass
     return h.hexdigest()
 
 
@@ -105,7 +121,8 @@ def _model_from_data(data: object, path: Path) -> ESM2:
     if not isinstance(cfg, argparse.Namespace):
         raise CheckpointError(f"{path}: 'cfg' has no ESM-2 model config")
     try:
-        model = build_esm2(cfg.encoder_layers, cfg.encoder_embed_dim, cfg.encoder_attention_heads, cfg.token_dropout)
+        with torch.device("meta"):  # no random init: every tensor comes from the file
+            model = build_esm2(cfg.encoder_layers, cfg.encoder_embed_dim, cfg.encoder_attention_heads, cfg.token_dropout)
     except AttributeError as exc:
         raise CheckpointError(f"{path}: ESM-2 config lacks {exc.name!r}") from None
     # fair-esm's own key upgrade (esm.pretrained._load_model_and_alphabet_core_v2)
@@ -130,7 +147,10 @@ def _model_from_data(data: object, path: Path) -> ESM2:
         problems.append(f"wrong shapes: {'; '.join(wrong[:3])}")
     if problems:
         raise CheckpointError(f"{path}: does not match the ESM-2 architecture its config names ({shape}): " + "; ".join(problems))
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(state, strict=False, assign=True)
+    for name in optional - set(state):  # contact regression: unused for embeddings
+        module, attr = model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
+        setattr(module, attr, torch.nn.Parameter(torch.zeros_like(getattr(module, attr), device="cpu")))
     return model
 
 

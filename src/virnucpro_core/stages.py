@@ -247,7 +247,7 @@ def spot_check_stage(
             dtype = "float32"
         th = Thresholds.for_dtype(dtype)
         th = Thresholds(pooled_threshold or th.pooled_cosine, residue_threshold or th.min_residue_cosine)
-        embedder = Embedder(loaded, dev, dtype, "auto")
+        embedder = Embedder(loaded, dev, dtype, "auto", compile=False)  # one pack: not worth compiling
         tok = embedder.tokenizer
         layer = loaded.num_layers
         # the sample's windows, as the plan cut them

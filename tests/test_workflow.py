@@ -1,0 +1,134 @@
+"""End to end: the Snakemake workflow on the shipped example FASTA, tiny random ESM-2, CPU."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from virnucpro_core.parquet import column_array
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "resources/example/proteins.faa"
+MODEL = ROOT / "resources/example/esm2_t2_tiny_random.pt"
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def snakemake(*args, cwd=ROOT):
+    return subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wf") / "results"
+    cfg = [f"input={EXAMPLE}", f"model={MODEL}", f"outdir={out}", f"embedding={{'lock_dir': '{out.parent / 'locks'}'}}"]
+    res = snakemake("--cores", "2", "--resources", "gpu=1", "--config", *cfg)
+    assert res.returncode == 0, res.stderr[-5000:]
+    return out, cfg, res
+
+
+def fasta_records(path):
+    ids, seqs = [], []
+    for line in path.read_text().splitlines():
+        if line.startswith(">"):
+            ids.append(line[1:].split()[0])
+            seqs.append("")
+        else:
+            seqs[-1] += line.strip().rstrip("*")
+    return ids, seqs
+
+
+@pytest.mark.slow
+def test_every_record_once_in_input_order(run):
+    out, _, _ = run
+    table = pq.read_table(out / "embeddings.parquet")
+    ids, seqs = fasta_records(EXAMPLE)
+    assert table["id"].to_pylist() == ids
+    assert table["length"].to_pylist() == [len(s) for s in seqs]
+    assert table.schema.field("length").type == "int32"
+    assert table["embedding"].type.list_size == 64
+    assert np.isfinite(column_array(table, "embedding")).all()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["records_in"] == 300 and summary["embedded"] == 300 and summary["skipped"] == 0
+    assert (out / "skipped.tsv").read_text().splitlines() == ["id\treason\tfile\trecord"]
+
+
+@pytest.mark.slow
+def test_spot_check_passed(run):
+    out, _, _ = run
+    rows = (out / "spot_check.tsv").read_text().splitlines()
+    header, rows = rows[0].split("\t"), [r.split("\t") for r in rows[1:]]
+    assert len(rows) == 4 * 16
+    assert all(r[header.index("status")] == "pass" for r in rows)
+    assert max(int(r[1]) for r in rows) == 3000  # the longest record is always checked
+
+
+@pytest.mark.slow
+def test_embeddings_equal_fair_esm_forward_on_a_sample(run):
+    import esm
+
+    out, _, _ = run
+    model, alphabet = esm.pretrained.load_model_and_alphabet_core("esm2_t2_tiny", torch.load(MODEL, weights_only=False))
+    model.eval()
+    table = pq.read_table(out / "embeddings.parquet")
+    emb = column_array(table, "embedding")
+    ids, seqs = fasta_records(EXAMPLE)
+    sample = [0, 5, 17, 99, 150, 299] + [i for i, s in enumerate(seqs) if len(s) > 1022][:2]
+    conv = alphabet.get_batch_converter(truncation_seq_length=1022)  # esm-extract's default
+    for i in sample:
+        _, _, toks = conv([(ids[i], seqs[i])])
+        with torch.no_grad():
+            rep = model(toks, repr_layers=[2])["representations"][2][0]
+        n = min(len(seqs[i]), 1022)
+        ref = rep[1 : n + 1].mean(0).numpy()
+        np.testing.assert_allclose(emb[i], ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_rerun_does_nothing(run):
+    out, cfg, _ = run
+    res = snakemake("-n", "--cores", "2", "--config", *cfg)
+    assert res.returncode == 0
+    assert "Nothing to be done" in res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_logs_and_benchmarks_written(run):
+    out, _, _ = run
+    log = (out / "logs/embed_shard/shard_0000.log").read_text()
+    assert "device: cpu (no GPU visible)" in log and "tokens_per_s" in log
+    assert len(list((out / "benchmarks/embed_shard").glob("*.tsv"))) == 4
+
+
+def test_lint_is_clean():
+    res = snakemake("--lint")
+    assert res.returncode == 0 and "Congratulations" in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+def test_snakefmt_finds_nothing():
+    res = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "Snakefile", "workflow/"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("profile", ["local", "slurm"])
+def test_dry_run_with_each_profile(profile, tmp_path):
+    res = snakemake("-n", "--profile", f"profiles/{profile}", "--config", f"outdir={tmp_path}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "shard_fasta" in res.stdout + res.stderr
+
+
+def test_bad_config_value_is_named(tmp_path):
+    res = snakemake("-n", "--cores", "1", "--config", f"outdir={tmp_path}", "on_invalid=ignore")
+    assert res.returncode != 0
+    text = res.stdout + res.stderr
+    assert "on_invalid" in text and "'ignore'" in text
+
+
+def test_missing_input_is_named(tmp_path):
+    res = snakemake("-n", "--cores", "1", "--config", f"outdir={tmp_path}", "input=nope/*.faa")
+    assert res.returncode != 0 and "no file matches 'nope/*.faa'" in res.stdout + res.stderr
