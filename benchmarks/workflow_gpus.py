@@ -38,15 +38,19 @@ def stamps(log: Path) -> tuple[float, float]:
 def run(gpus: int, fasta: Path, model: Path, work: Path, out_dir: Path, shards: int, cores: int) -> dict:
     outdir = work / f"gpu{gpus}"
     smi_file = out_dir / f"nvidia-smi-gpu{gpus}.csv"
-    smi = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,index,utilization.gpu,memory.used", "--format=csv", "-lms", "1000"],
-                           stdout=open(smi_file, "w"), stderr=subprocess.DEVNULL)
+    try:
+        smi = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,index,utilization.gpu,memory.used", "--format=csv", "-lms", "1000"],
+                               stdout=open(smi_file, "w"), stderr=subprocess.DEVNULL)
+    except FileNotFoundError:
+        smi = None
     cmd = [sys.executable, "-m", "snakemake", "--cores", str(cores), "--resources", f"gpu={gpus}", "--config",
            f"input={fasta}", f"model={model}", f"outdir={outdir}", f"shards={shards}",
-           f"embedding={{'lock_dir': '{work / 'locks'}'}}", "spot_check={'sample': 8}"]
+           f"embedding={{'lock_dir': '{work / 'locks'}'}}", "spot_check={sample: 8}"]
     t0 = time.time()
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.time() - t0
-    smi.terminate()
+    if smi:
+        smi.terminate()
     (out_dir / f"snakemake-gpu{gpus}.log").write_text(" ".join(cmd) + "\n\n" + res.stdout + res.stderr)
     if res.returncode:
         print(res.stderr[-3000:])
@@ -56,9 +60,10 @@ def run(gpus: int, fasta: Path, model: Path, work: Path, out_dir: Path, shards: 
     for log in logs:
         text = log.read_text()
         start, end = stamps(log)
-        dev = re.search(r"device: (cuda:\d) \(GPU (\S+),", text)
+        dev = re.search(r"device: (\S+)", text).group(1)
+        gpu = re.search(r"device: \S+ \(GPU (\S+),", text)
         done = json.loads(re.search(r"done: (\{.*\})", text).group(1))
-        jobs.append({"shard": log.stem, "device": dev.group(1), "gpu": dev.group(2), "start": start, "end": end,
+        jobs.append({"shard": log.stem, "device": dev, "gpu": gpu.group(1) if gpu else "none", "start": start, "end": end,
                      "seconds": end - start, "engine_tok_per_s": done["tokens_per_s"], "tokens": done["tokens"]})
     # both GPUs busy at the same time: intervals of jobs on different GPUs that overlap
     overlap = max((min(a["end"], b["end"]) - max(a["start"], b["start"]) for a in jobs for b in jobs if a["gpu"] != b["gpu"]), default=0.0)
@@ -81,10 +86,11 @@ def main() -> int:
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--cores", type=int, default=16)
     ap.add_argument("--gpus", default="1,2")
+    ap.add_argument("--model", help="checkpoint to use instead of a random 650M-shape one")
     args = ap.parse_args()
     out_dir, work = Path(args.out_dir), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    model = work / "esm2_t33_650M_random.pt"
+    model = Path(args.model) if args.model else work / "esm2_t33_650M_random.pt"
     if not model.exists():
         subprocess.run([sys.executable, "-m", "virnucpro_core", "random-model", str(model), "--layers", "33", "--dim", "1280", "--heads", "20"], check=True)
     seqs = dataset("uniref", args.tokens, seed=1)
@@ -99,7 +105,9 @@ def main() -> int:
               f"overlap on different GPUs {r['max_overlap_s_on_different_gpus']:.1f} s, spot-check {r['spot_check']}", flush=True)
         for j in r["embed_jobs"]:
             print(f"   {j['shard']} on {j['device']} (GPU {j['gpu']}) {j['seconds']:.1f} s, engine {j['engine_tok_per_s']:.0f} tok/s", flush=True)
-    doc = {"device": subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True).stdout.split(),
+    import torch
+
+    doc = {"device": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or ["cpu"],
            "date": datetime.date.today().isoformat(),
            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
            "proteins": len(seqs), "shards": args.shards, "runs": results}

@@ -91,6 +91,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("virnucpro_core").info("virnucpro_core %s: %s", __version__, args.stage)
     from . import stages
     from .fasta import FastaError
     from .model import CheckpointError

@@ -1,12 +1,26 @@
 import glob
 import os
 
+import yaml
 from snakemake.utils import validate
+
+
+def typed(value):
+    """--config parses nested values as strings ({sample: 8} gives '8'): type them as YAML."""
+    if isinstance(value, dict):
+        return {k: typed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [typed(v) for v in value]
+    return yaml.safe_load(value) if isinstance(value, str) and value else value
+
+
+for key in ("long_sequences", "packing", "embedding", "spot_check"):
+    if key in config:
+        config[key] = typed(config[key])
 
 validate(config, "../schemas/config.schema.yaml")
 
 OUT = config["outdir"]
-CORE = "python -m virnucpro_core"
 ESM2_NAMES = {
     "esm2_t6_8M_UR50D",
     "esm2_t12_35M_UR50D",
