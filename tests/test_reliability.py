@@ -1,0 +1,226 @@
+"""Reliability: the bad-input matrix through the whole workflow, kill and resume, determinism,
+accounting. Tiny random ESM-2 on the CPU."""
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import random_protein
+from virnucpro_core import stages
+from virnucpro_core.parquet import column_array
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "resources/example/esm2_t2_tiny_random.pt"
+EXAMPLE = ROOT / "resources/example/proteins.faa"
+pytestmark = pytest.mark.slow
+
+
+def workflow(tmp_path: Path, inputs: list[Path], *extra: str, name: str = "out", background: bool = False):
+    out = tmp_path / name
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--config", f"input={[str(p) for p in inputs]}",
+           f"model={MODEL}", f"outdir={out}", "shards=1", f"embedding={{lock_dir: {tmp_path / 'locks'}}}",
+           "spot_check={sample: 4}", *extra]
+    if background:
+        return out, cmd, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                          start_new_session=True)
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return out, res.returncode, res.stdout + res.stderr
+
+
+def fasta(tmp_path: Path, name: str, content: bytes | str) -> Path:
+    p = tmp_path / name
+    p.write_bytes(content.encode() if isinstance(content, str) else content)
+    return p
+
+
+def shard_log(out: Path) -> str:
+    return (out / "logs/shard_fasta.log").read_text()
+
+
+def embeddings(out: Path) -> dict[str, np.ndarray]:
+    t = pq.read_table(out / "embeddings.parquet")
+    return dict(zip(t["id"].to_pylist(), column_array(t, "embedding")))
+
+
+# ------------------------------------------------------------------ files that are wrong as a whole
+_rng = np.random.default_rng(7)
+_gz = gzip.compress("".join(f">r{i}\n{random_protein(_rng, 500)}\n" for i in range(40)).encode())
+TRUNCATED_GZ = _gz[: len(_gz) // 2]
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "empty file, no FASTA records"),
+        (os.urandom(64).replace(b">", b"?") + b"\x00", "binary data, not FASTA"),
+        (b"LOCUS       AB000001   120 bp  DNA\nORIGIN\n        1 acgt\n//\n", "looks like GenBank"),
+        (b"@read1\nACGTACGT\n+\nIIIIIIII\n", "looks like FASTQ"),
+        (TRUNCATED_GZ, "truncated or corrupt gzip"),
+    ],
+    ids=["empty", "binary", "genbank", "fastq", "truncated-gzip"],
+)
+def test_wrong_file_stops_the_run_naming_it(tmp_path, content, message):
+    bad = fasta(tmp_path, "bad.faa", content)
+    for mode in ("error", "skip"):
+        out, rc, text = workflow(tmp_path, [bad], f"on_invalid={mode}", name=mode)
+        assert rc != 0
+        log = shard_log(out)
+        assert str(bad) in log and message in log
+        assert not (out / "embeddings.parquet").exists()
+
+
+# ------------------------------------------------------------------ invalid records: error, or skip
+BAD_RECORDS = {
+    "no-sequence.faa": (">ok1\nMKVL\n>empty\n>ok2\nMKVL\n", 2, "empty", "empty sequence"),
+    "before-header.faa": ("MKVLA\n>ok3\nMKVL\n", 0, "", "sequence data before the first header (line 1)"),
+    "empty-header.faa": (">ok4\nMKVL\n>\nMKVL\n", 2, "", "empty header (no id after '>')"),
+    "dup-in-file.faa": (">d1\nMKVL\n>d1\nMKVA\n", 2, "d1", "duplicate id (first seen in"),
+    "internal-stop.faa": (">st\nMKV*LA\n", 1, "st", "internal stop '*' at residue 4"),
+    "digits.faa": (">dg\nMKV1LA\n", 1, "dg", "illegal character '1' at residue 4"),
+    "bad-utf8.faa": (b">u\xff\xfe\nMKVL\n", 1, "", "header is not valid UTF-8"),
+}
+
+
+def bad_record_files(tmp_path):
+    files = [fasta(tmp_path, name, content) for name, (content, *_rest) in BAD_RECORDS.items()]
+    files.append(fasta(tmp_path, "dup-across.faa", ">ok1\nMKVA\n>ok5\nMKVA\n"))  # ok1 is in no-sequence.faa
+    return files
+
+
+@pytest.mark.parametrize("name", list(BAD_RECORDS))
+def test_invalid_record_stops_the_run_naming_file_record_and_reason(tmp_path, name):
+    content, number, rec_id, reason = BAD_RECORDS[name]
+    p = fasta(tmp_path, name, content)
+    out, rc, _ = workflow(tmp_path, [p])
+    assert rc != 0
+    where = f"{p}: record {number}" + (f" ({rec_id})" if rec_id else "")
+    assert f"{where}: {reason}" in shard_log(out)
+
+
+def test_invalid_records_are_skipped_with_reasons_and_the_rest_embedded(tmp_path):
+    files = bad_record_files(tmp_path)
+    out, rc, text = workflow(tmp_path, files, "on_invalid=skip")
+    assert rc == 0, text[-3000:]
+    skipped = [line.split("\t") for line in (out / "skipped.tsv").read_text().splitlines()[1:]]
+    got = {(Path(f).name, int(n)): (i, r) for i, r, f, n in skipped}
+    for name, (_, number, rec_id, reason) in BAD_RECORDS.items():
+        assert got[(name, number)][0] == rec_id and reason in got[(name, number)][1]
+    assert "duplicate id (first seen in" in got[("dup-across.faa", 1)][1]
+    assert len(got) == len(BAD_RECORDS) + 1
+    ids = pq.read_table(out / "embeddings.parquet")["id"].to_pylist()
+    assert ids == ["ok1", "ok2", "ok3", "ok4", "d1", "ok5"]  # input order, first of each duplicate kept
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["records_in"] == summary["embedded"] + summary["skipped"] == 14
+    for f in files:
+        c = summary["per_file"][str(f)]
+        assert c["records_in"] == c["embedded"] + c["skipped"]
+
+
+# ------------------------------------------------------------------ records that are normalised
+def test_messy_but_valid_records_embed_like_their_clean_form(tmp_path, rng, caplog):
+    base = random_protein(rng, 120)
+    long = random_protein(rng, 10_000)
+    files = {
+        "clean.faa": f">clean\n{base}\n>r1022\n{long[:1022]}\n",
+        "lower.faa": f">lower\n{base.lower()}\n",
+        "stop.faa": f">stop\n{base}*\n",
+        "gaps.faa": f">gaps\n{base[:50]}--..{base[50:]}\n",
+        "spaces.faa": f">spaces\n{base[:60]} \t{base[60:]}\n",
+        "crlf.faa": f">crlf desc\r\n{base[:60]}\r\n{base[60:]}\r\n",
+        "gz.faa.gz": gzip.compress(f">gz\n{base}\n".encode()),
+        "iupac.faa": ">iupac\nMUOBZJXK\n",
+        "long.faa": f">r1023\n{long[:1023]}\n>r10000\n{long}\n",
+        "nonascii-header.faa": f">prot_é description ü\n{base}\n",
+        "nucleotide.fna": ">nt\nACGTTGCAACGTGGCATTACGNNACGT\n",
+    }
+    paths = [fasta(tmp_path, n, c) for n, c in files.items()]
+    out, rc, text = workflow(tmp_path, paths)
+    assert rc == 0, text[-3000:]
+    emb = embeddings(out)
+    t = pq.read_table(out / "embeddings.parquet")
+    lengths = dict(zip(t["id"].to_pylist(), t["length"].to_pylist()))
+    for rid in ("lower", "stop", "gaps", "spaces", "crlf", "gz", "prot_é"):
+        np.testing.assert_allclose(emb[rid], emb["clean"], atol=1e-6, err_msg=rid)
+        assert lengths[rid] == 120
+    assert lengths["iupac"] == 8 and lengths["r10000"] == 10_000
+    # truncate (default): residues past 1022 do not change the embedding
+    np.testing.assert_allclose(emb["r1023"], emb["r1022"], atol=1e-6)
+    np.testing.assert_allclose(emb["r10000"], emb["r1022"], atol=1e-6)
+    assert "nucleotide.fna: 100% of residues are A/C/G/T/N: this looks like a nucleotide file" in shard_log(out)
+
+
+def test_split_policy_embeds_every_residue_of_long_records(tmp_path, rng):
+    long = random_protein(rng, 10_000)
+    p = fasta(tmp_path, "long.faa", f">r1022\n{long[:1022]}\n>r1023\n{long[:1023]}\n>r10000\n{long}\n")
+    out, rc, text = workflow(tmp_path, [p], "long_sequences={policy: split, overlap: 256}")
+    assert rc == 0, text[-3000:]
+    emb = embeddings(out)
+    assert not np.allclose(emb["r10000"], emb["r1022"], atol=1e-4)
+    plan = json.loads((out / "plans/shard_0000.json").read_text())
+    assert plan["items"] == 1 + 2 + 13 and plan["residues_embedded"] >= 10_000 + 1023 + 1022
+
+
+# ------------------------------------------------------------------ kill and resume
+def test_sigkill_during_embedding_then_rerun_gives_the_same_output(tmp_path):
+    ref, rc, text = workflow(tmp_path, [EXAMPLE], name="uninterrupted")
+    assert rc == 0, text[-3000:]
+    out, cmd, proc = workflow(tmp_path, [EXAMPLE], name="killed", background=True)
+    embed_log = out / "logs/embed_shard/shard_0000.log"
+    deadline = time.time() + 120
+    while not (embed_log.exists() and ": embed" in embed_log.read_text()):
+        assert proc.poll() is None and time.time() < deadline, "the workflow ended before embedding started"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # snakemake and its running job, mid-embedding
+    proc.wait()
+    assert not (out / "embeddings.parquet").exists()
+    partial = out / "embeddings/shard_0000.parquet"
+    assert not partial.exists() or pq.read_table(partial).num_rows == 300  # never a partial file under the final name
+    unlock = subprocess.run([*cmd, "--unlock"], cwd=ROOT, capture_output=True, text=True)
+    assert unlock.returncode == 0
+    res = subprocess.run([*cmd, "--rerun-incomplete"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    a, b = pq.read_table(ref / "embeddings.parquet"), pq.read_table(out / "embeddings.parquet")
+    assert a.column_names == b.column_names and a["id"].to_pylist() == b["id"].to_pylist()
+    np.testing.assert_array_equal(column_array(a, "embedding"), column_array(b, "embedding"))
+
+
+# ------------------------------------------------------------------ determinism and accounting (in process)
+def run_stages(tmp_path, n_shards, budget, name):
+    d = tmp_path / name
+    man = stages.shard_stage([str(EXAMPLE)], d / "shards", n_shards=n_shards)
+    embs, spots = [], []
+    for i in range(man["shards"]):
+        s = d / f"shards/shard_{i:04d}.parquet"
+        stages.plan_stage(s, d / f"plan{i}.parquet", budget)
+        stages.embed_stage(s, d / f"plan{i}.parquet", str(MODEL), d / f"emb{i}.parquet", device="cpu", lock_dir=d / "locks")
+        embs.append(str(d / f"emb{i}.parquet"))
+    return stages.merge_stage(d / "shards/manifest.json", d / "shards/skipped.tsv", embs, spots, d), d
+
+
+def test_shard_and_pack_counts_do_not_change_embeddings(tmp_path):
+    _, a = run_stages(tmp_path, 1, 65536, "a")
+    _, b = run_stages(tmp_path, 5, 2048, "b")
+    _, c = run_stages(tmp_path, 1, 65536, "c")
+    ta, tb, tc = (pq.read_table(d / "embeddings.parquet") for d in (a, b, c))
+    assert ta["id"].to_pylist() == tb["id"].to_pylist()
+    np.testing.assert_allclose(column_array(ta, "embedding"), column_array(tb, "embedding"), atol=1e-5)
+    np.testing.assert_array_equal(column_array(ta, "embedding"), column_array(tc, "embedding"))  # rerun: identical
+
+
+def test_merge_fails_loudly_on_a_missing_or_duplicated_record(tmp_path):
+    _, d = run_stages(tmp_path, 2, 4096, "m")
+    emb = d / "emb1.parquet"
+    t = pq.read_table(emb)
+    pq.write_table(t.slice(0, t.num_rows - 1), emb)
+    with pytest.raises(RuntimeError, match="299 embedded records, 300 kept by the shard step; .*299 embedded"):
+        stages.merge_stage(d / "shards/manifest.json", d / "shards/skipped.tsv", [str(d / "emb0.parquet"), str(emb)], [], d)
+    with pytest.raises(RuntimeError, match="duplicated ids"):
+        stages.merge_stage(d / "shards/manifest.json", d / "shards/skipped.tsv", [str(d / "emb0.parquet")] * 2, [], d)
