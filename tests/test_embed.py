@@ -16,7 +16,7 @@ def embed(model, seqs, budget=4096, policy="truncate", outputs=None, hook=None):
     e = Embedder(model, "cpu", "float32", compile=False)
     e.fail_hook = hook
     plan = build_plan([len(s) for s in seqs], budget, policy, 200)
-    return e.embed(seqs, plan, outputs or Outputs.resolve(model.num_layers))
+    return e.embed(seqs, plan, outputs or Outputs.resolve(model.num_layers), ids=[f"seq{i}" for i in range(len(seqs))])
 
 
 def test_oom_splits_packs_and_gives_the_same_embeddings(tiny_model, rng, caplog):
@@ -39,7 +39,7 @@ def test_oom_on_a_single_sequence_names_it(tiny_model, rng):
         if pack.lengths.max() > 500:
             raise torch.cuda.OutOfMemoryError("fake OOM")
 
-    with pytest.raises(SequenceTooLargeError, match="record row 1, 900 residues"):
+    with pytest.raises(SequenceTooLargeError, match="record seq1 \\(row 1\\), 900 residues"):
         embed(tiny_model, seqs, hook=oom_on_long)
 
 

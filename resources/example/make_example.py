@@ -34,8 +34,36 @@ def main() -> None:
         lines[-1] += "*"
         pos = end + 50
     (HERE / "proteins.faa").write_text("\n".join(lines) + "\n")
+    write_reads(rng)
     torch.manual_seed(0)
     save_checkpoint(build_esm2(layers=2, embed_dim=64, heads=4), HERE / "esm2_t2_tiny_random.pt")
+
+
+CODONS = {}
+for codon, aa in __import__("Bio.Data.CodonTable", fromlist=["x"]).unambiguous_dna_by_id[11].forward_table.items():
+    CODONS.setdefault(aa, []).append(codon)
+
+
+def write_reads(rng: np.random.Generator) -> None:
+    """reads.fna: 300 nucleotide records (VirNucPro-style input) of 50-1500 bp: genes built by
+    back-translating random proteins, a third reverse-complemented, some with runs of N, some
+    shorter than one 300-bp window (and a few too short to give a 20-residue protein)."""
+    from Bio.Seq import Seq
+
+    lines = []
+    for i in range(300):
+        n_bp = int(rng.choice([50, 120, 250, 300, 450, 600, 900, 1500]))
+        aas = "".join(rng.choice(list(AA), n_bp // 3 + 1, p=FREQ / FREQ.sum()))
+        dna = "".join(rng.choice(CODONS[a]) for a in aas)[:n_bp]
+        if i % 7 == 3:
+            k = int(rng.integers(0, max(1, n_bp - 10)))
+            dna = dna[:k] + "N" * 10 + dna[k + 10 :]
+        strand = "-" if i % 3 == 2 else "+"
+        if strand == "-":
+            dna = str(Seq(dna).reverse_complement())
+        lines.append(f">read_{i + 1} len={n_bp} strand={strand}")
+        lines += [dna[j : j + 70] for j in range(0, len(dna), 70)]
+    (HERE / "reads.fna").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,13 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--shards", type=int)
     g.add_argument("--residues-per-shard", type=int)
     s.add_argument("--on-invalid", choices=["error", "skip"], default="error")
+    s.add_argument("--input-type", choices=["protein", "nucleotide"], default="protein")
+    s.add_argument("--window", type=int, default=300, help="nucleotide window (bp)")
+    s.add_argument("--step", type=int, help="nucleotide window step (bp; default: the window)")
+    s.add_argument("--frames", choices=["six", "forward", "longest_orf"], default="six")
+    s.add_argument("--genetic-code", type=int, default=11, help="NCBI translation table id")
+    s.add_argument("--stops", choices=["truncate", "split", "keep_x"], default="truncate")
+    s.add_argument("--min-protein-length", type=int, default=20)
 
     s = sub.add_parser("plan", help="first-fit-decreasing packing plan for one shard")
     s.add_argument("shard")
@@ -98,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.stage == "shard":
-            stages.shard_stage(args.inputs, args.outdir, args.shards, args.residues_per_shard, args.on_invalid)
+            nucleotide = None
+            if args.input_type == "nucleotide":
+                nucleotide = {"window": args.window, "step": args.step, "frames": args.frames, "table": args.genetic_code,
+                              "stops": args.stops, "min_protein_length": args.min_protein_length}
+            stages.shard_stage(args.inputs, args.outdir, args.shards, args.residues_per_shard, args.on_invalid, nucleotide)
         elif args.stage == "plan":
             stages.plan_stage(args.shard, args.out, args.budget, args.long_policy, args.overlap, args.stats)
         elif args.stage == "embed":

@@ -95,6 +95,7 @@ class Embedder:
         self.packed = PackedESM2(model, backend, compile=compile, fp32_residual=fp32_residual)
         self.tokenizer = Tokenizer(loaded.alphabet)
         self.fail_hook = None  # tests: called with each pack before its forward, may raise OOM
+        self._ids: list[str] | None = None
 
     @property
     def backend(self) -> str:
@@ -118,8 +119,10 @@ class Embedder:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         if len(pack.lengths) == 1:
+            r = int(pack.records[0])
+            name = f"{self._ids[r]} (row {r})" if self._ids else f"row {r}"
             raise SequenceTooLargeError(
-                f"out of memory on a single sequence: record row {int(pack.records[0])}, "
+                f"out of memory on a single sequence: record {name}, "
                 f"{int(pack.lengths[0])} residues (window start {int(pack.starts[0])}); lower the model size or use a larger GPU"
             )
         log.warning("out of memory on a pack of %d sequences (%d tokens): splitting it in two", len(pack.lengths), pack.tokens)
@@ -130,8 +133,12 @@ class Embedder:
             c = cu[a : b + 1] - cu[a]
             self._run(part, first + a, t, c, outputs, sink)
 
-    def embed(self, sequences: list[str], plan: Plan, outputs: Outputs, progress_every: float = 30.0) -> EmbedResult:
-        """Embed every record of a shard (``sequences`` in shard order) following ``plan``."""
+    def embed(
+        self, sequences: list[str], plan: Plan, outputs: Outputs, progress_every: float = 30.0, ids: list[str] | None = None
+    ) -> EmbedResult:
+        """Embed every record of a shard (``sequences`` in shard order) following ``plan``;
+        ``ids`` name records in errors."""
+        self._ids = ids
         n_layers = self.packed.num_layers
         columns = outputs.columns(n_layers)
         n_items = sum(len(p.lengths) for p in plan.packs)

@@ -112,11 +112,29 @@ def normalise(raw: bytes) -> str:
     return seq.decode("ascii")
 
 
+def normalise_nucleotides(raw: bytes) -> str:
+    """Nucleotides: whitespace and gaps removed, upper-case, U as T, IUPAC codes only."""
+    from .nucleotide import check_nucleotides
+
+    seq = raw.translate(None, _DELETE)
+    if not seq:
+        raise ValueError("empty sequence")
+    try:
+        text = seq.decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError("non-ASCII byte in the sequence") from None
+    return check_nucleotides(text)
+
+
 def read_fasta(
     paths: Iterable[str | Path],
     on_invalid: str = "error",
+    input_type: str = "protein",
 ) -> Iterator[Record | Skipped]:
-    """Stream records of one or more protein FASTA files (plain or gzip) in input order."""
+    """Stream records of one or more FASTA files (plain or gzip) in input order.
+
+    ``input_type``: ``protein`` (residues normalised as above) or ``nucleotide`` (IUPAC bases)."""
+    clean = {"protein": normalise, "nucleotide": normalise_nucleotides}[input_type]
     if on_invalid not in ("error", "skip"):
         raise ValueError(f"on_invalid must be 'error' or 'skip', not {on_invalid!r}")
     seen: dict[str, tuple[str, int]] = {}
@@ -140,7 +158,7 @@ def read_fasta(
                 if not words:
                     raise ValueError("empty header (no id after '>')")
                 rec_id = words[0]
-                seq = normalise(b"".join(lines))
+                seq = clean(b"".join(lines))
                 if rec_id in seen:
                     f, n = seen[rec_id]
                     raise ValueError(f"duplicate id (first seen in {f} record {n})")
@@ -159,10 +177,10 @@ def read_fasta(
             order += 1
         if n_raw == 0:
             raise FastaError(f"{path}: empty file, no FASTA records")
-        if residues and acgt / residues > 0.9:
+        if input_type == "protein" and residues and acgt / residues > 0.9:
             log.warning(
                 "%s: %.0f%% of residues are A/C/G/T/N: this looks like a nucleotide file, "
-                "but it is embedded as protein",
+                "but it is embedded as protein (set input_type: nucleotide to translate it)",
                 path,
                 100 * acgt / residues,
             )

@@ -23,6 +23,7 @@ from .embed import Embedder, Outputs
 from .equivalence import Thresholds, compare, downstream, reference_hidden
 from .fasta import Record, Skipped, balance_shards, read_fasta
 from .model import LoadedModel, load_model, sha256
+from .nucleotide import translate_record
 from .packed_esm import residues as split_residues
 from .packing import Pack, build_plan, load_plan, save_plan, windows
 from .parquet import atomic_write_table, column_array, embeddings_table, read_metadata
@@ -30,6 +31,8 @@ from .parquet import atomic_write_table, column_array, embeddings_table, read_me
 log = logging.getLogger(__name__)
 
 SKIPPED_COLUMNS = ["id", "reason", "file", "record"]
+NUCLEOTIDE_COLUMNS = {"parent_id": pa.string(), "window_start": pa.int64(), "window_end": pa.int64(), "frame": pa.int8()}
+BOOKKEEPING = ["order", "file", "record"]  # shard columns carried to the merge, not into the output
 
 
 def _write_tsv(path: Path, header: list[str], rows: list[list]) -> None:
@@ -60,22 +63,36 @@ def shard_stage(
     n_shards: int | None = None,
     residues_per_shard: int | None = None,
     on_invalid: str = "error",
+    nucleotide: dict | None = None,
 ) -> dict:
     """Validate the FASTA inputs and cut the kept records into residue-balanced shards.
 
-    Writes ``shard_0000.parquet``... (columns ``order id file record sequence``),
-    ``skipped.tsv`` and ``manifest.json`` (per-file counts and checksums) into ``outdir``.
+    Writes ``shard_0000.parquet``... (columns ``order id file record sequence``, and for
+    nucleotide input ``parent_id window_start window_end frame``), ``skipped.tsv`` and
+    ``manifest.json`` (per-file counts and checksums) into ``outdir``. ``nucleotide``: the
+    options of :func:`virnucpro_core.nucleotide.translate_record` for nucleotide input.
     """
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     records: list[Record] = []
     skipped: list[Skipped] = []
+    extra: dict[str, list] = {c: [] for c in NUCLEOTIDE_COLUMNS} if nucleotide is not None else {}
     per_file = {str(Path(p)): {"records": 0, "kept": 0, "skipped": 0} for p in inputs}
-    for item in read_fasta(inputs, on_invalid):
+    for item in read_fasta(inputs, on_invalid, "nucleotide" if nucleotide is not None else "protein"):
         counts = per_file[item.file]
         counts["records"] += 1
-        if isinstance(item, Record):
+        if isinstance(item, Record) and nucleotide is not None:
+            proteins = translate_record(item.id, item.sequence, **nucleotide)
+            if not proteins:
+                item = Skipped(item.file, item.number, item.id,
+                               f"no translated protein of >= {nucleotide.get('min_protein_length', 20)} residues")
+            for t in proteins:
+                records.append(Record(len(records), item.file, item.number, t.id, t.protein))
+                for c in NUCLEOTIDE_COLUMNS:
+                    extra[c].append(getattr(t, c))
+        elif isinstance(item, Record):
             records.append(item)
+        if isinstance(item, Record):
             counts["kept"] += 1
         else:
             skipped.append(item)
@@ -93,6 +110,7 @@ def shard_stage(
                 "file": pa.array([r.file for r in part], pa.string()),
                 "record": pa.array([r.number for r in part], pa.int32()),
                 "sequence": pa.array([r.sequence for r in part], pa.large_string()),
+                **{c: pa.array(v[a:b], NUCLEOTIDE_COLUMNS[c]) for c, v in extra.items()},
             }
         )
         atomic_write_table(table, outdir / f"shard_{i:04d}.parquet")
@@ -166,13 +184,14 @@ def embed_stage(
             "embedding %d records (%d packs of <= %d tokens) with %s on %s, %s, attention %s",
             len(sequences), len(the_plan.packs), the_plan.budget, loaded.name, dev, dtype, embedder.backend,
         )
-        result = embedder.embed(sequences, the_plan, outputs)
+        result = embedder.embed(sequences, the_plan, outputs, ids=shard_t["id"].to_pylist())
     np_dtype = {"float32": np.float32, "float16": np.float16}[output_dtype]
     columns: dict = {c: v.astype(np_dtype) for c, v in result.pooled.items()}
     columns.update({c: [a.astype(np_dtype) for a in v] for c, v in result.per_residue.items()})
     meta = provenance(loaded, outputs, dtype, output_dtype, result.stats)
     table = embeddings_table(shard_t["id"].to_pylist(), pc_lengths(shard_t), columns, meta)
-    table = table.append_column("order", shard_t["order"]).append_column("file", shard_t["file"])
+    for col in BOOKKEEPING + [c for c in NUCLEOTIDE_COLUMNS if c in shard_t.column_names]:
+        table = table.append_column(col, shard_t[col])
     atomic_write_table(table, out)
     log.info("done: %s", json.dumps(result.stats))
     return result.stats
@@ -321,11 +340,11 @@ def merge_stage(
     if not np.array_equal(order, np.arange(len(order))):
         problems.append("records are missing or out of input order")
     skipped_rows = _read_tsv(Path(skipped))
-    # per input file: records in = records embedded + records skipped
-    files = table["file"].to_pylist()
+    # per input file: records in = records embedded (at least one row) + records skipped
+    embedded_records = set(zip(table["file"].to_pylist(), table["record"].to_pylist()))
     per_file_out = {}
     for f in man["inputs"]:
-        out_n = files.count(f["file"])
+        out_n = sum(1 for file, _ in embedded_records if file == f["file"])
         skip_n = sum(1 for r in skipped_rows if r["file"] == f["file"])
         per_file_out[f["file"]] = {"records_in": f["records"], "embedded": out_n, "skipped": skip_n}
         if f["records"] != out_n + skip_n:
@@ -335,7 +354,7 @@ def merge_stage(
     meta = read_metadata(embeddings[0]) if embeddings else {}
     meta.pop("run", None)
     meta["inputs"] = man["inputs"]
-    final = table.drop_columns(["order", "file"]).replace_schema_metadata({"virnucpro": json.dumps(meta, sort_keys=True)})
+    final = table.drop_columns(BOOKKEEPING).replace_schema_metadata({"virnucpro": json.dumps(meta, sort_keys=True)})
     atomic_write_table(final, outdir / "embeddings.parquet")
     _write_tsv(outdir / "skipped.tsv", SKIPPED_COLUMNS, [[r[c] for c in SKIPPED_COLUMNS] for r in skipped_rows])
     spot_rows, header = [], None
@@ -348,6 +367,7 @@ def merge_stage(
     summary = {
         "records_in": sum(f["records"] for f in man["inputs"]),
         "embedded": len(ids),
+        "embedded_input_records": len(embedded_records),
         "skipped": len(skipped_rows),
         "per_file": per_file_out,
         "spot_checked": len(spot_rows),

@@ -14,7 +14,7 @@ def typed(value):
     return yaml.safe_load(value) if isinstance(value, str) and value else value
 
 
-for key in ("long_sequences", "packing", "embedding", "spot_check"):
+for key in ("nucleotide", "long_sequences", "packing", "embedding", "spot_check"):
     if key in config:
         config[key] = typed(config[key])
 
@@ -82,6 +82,19 @@ def shard_count_arg():
     if config["residues_per_shard"]:
         return f"--residues-per-shard {config['residues_per_shard']}"
     return f"--shards {config['shards']}"
+
+
+def translate_args():
+    """Options of the nucleotide front end, for nucleotide input."""
+    if config["input_type"] != "nucleotide":
+        return ""
+    nt = config["nucleotide"]
+    step = f" --step {nt['step']}" if nt["step"] else ""
+    return (
+        f"--input-type nucleotide --window {nt['window']}{step} --frames {nt['frames']} "
+        f"--genetic-code {nt['genetic_code']} --stops {nt['stops']} "
+        f"--min-protein-length {nt['min_protein_length']}"
+    )
 
 
 def csv(values):

@@ -16,6 +16,7 @@ checkpoint shard_fasta:
     params:
         shards=shard_count_arg(),
         on_invalid=config["on_invalid"],
+        translate=translate_args(),
     shell:
         "python -m virnucpro_core shard {input:q} --outdir {output.shards} "
-        "{params.shards} --on-invalid {params.on_invalid} > {log} 2>&1"
+        "{params.shards} --on-invalid {params.on_invalid} {params.translate} > {log} 2>&1"
