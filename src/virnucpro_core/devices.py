@@ -48,6 +48,8 @@ def acquire_device(
     for one to come free).
     """
     names = [] if requested == "cpu" else visible_gpus(n_devices)
+    if scheduler_assigned():
+        log.info("scheduler: SLURM job %s, CUDA_VISIBLE_DEVICES=%s", os.environ["SLURM_JOB_ID"], os.environ["CUDA_VISIBLE_DEVICES"])
     if not names:
         if requested == "cuda":
             raise RuntimeError("device 'cuda' requested but no GPU is visible")
