@@ -8,6 +8,9 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/shard.smk"
@@ -15,9 +18,11 @@ include: "workflow/rules/plan.smk"
 include: "workflow/rules/embed.smk"
 include: "workflow/rules/spot_check.smk"
 include: "workflow/rules/merge.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     default_target: True
     input:
         rules.merge.output,
+        rules.report_figures.output,

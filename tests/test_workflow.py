@@ -1,6 +1,7 @@
 """End to end: the Snakemake workflow on the shipped example FASTA, tiny random ESM-2, CPU."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +133,23 @@ def test_bad_config_value_is_named(tmp_path):
 def test_missing_input_is_named(tmp_path):
     res = snakemake("-n", "--cores", "1", "--config", f"outdir={tmp_path}", "input=nope/*.faa")
     assert res.returncode != 0 and "no file matches 'nope/*.faa'" in res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_report_holds_every_section(run, tmp_path):
+    out, cfg, _ = run
+    figures = out / "report"
+    for name in ("input.png", "packing.png", "embedding.png", "equivalence.png", "projection.png"):
+        assert (figures / name).stat().st_size > 10_000, name
+    provenance = (figures / "provenance.html").read_text()
+    assert "checkpoint SHA-256" in provenance and "<td>attention backend</td><td>reference</td>" in provenance
+    html = tmp_path / "report.html"
+    res = snakemake("--report", str(html), "--config", *cfg)
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = html.read_text()
+    for section in ("1. Input", "2. Packing", "3. Embedding", "4. Equivalence", "5. Embeddings", "6. Provenance"):
+        assert section in text, section
+    for caption in ("skipped records by reason", "token budget", "tokens per second", "1 - cosine", "principal components",
+                    "checkpoint checksum"):
+        assert caption in text, caption
+    assert not re.search(r'<script[^>]+src="http', text)  # self-contained

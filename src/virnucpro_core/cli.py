@@ -82,6 +82,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--spot-checks", nargs="*", default=[])
     s.add_argument("--outdir", required=True)
 
+    s = sub.add_parser("report", help="figures and tables of a finished run, for snakemake --report")
+    s.add_argument("--outdir", required=True, help="the run's outdir")
+    s.add_argument("--figdir", required=True)
+    s.add_argument("--config-json", help="the run's configuration, recorded in the provenance table")
+
     s = sub.add_parser("fetch-model", help="download a fair-esm ESM-2 release once")
     s.add_argument("name")
     s.add_argument("--model-dir")
@@ -124,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif args.stage == "merge":
             stages.merge_stage(args.manifest, args.skipped, args.embeddings, args.spot_checks, args.outdir)
+        elif args.stage == "report":
+            import json
+
+            from .report import write_report_files
+
+            write_report_files(args.outdir, args.figdir, json.loads(args.config_json) if args.config_json else None)
         elif args.stage == "fetch-model":
             from .model import fetch_model
 

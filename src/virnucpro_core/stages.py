@@ -291,8 +291,8 @@ def spot_check_stage(
             pooled_cos = min([stored_cos] + [m.pooled_cosine for m in its])
             min_res = min(m.min_residue_cosine for m in its)
             ok = pooled_cos >= th.pooled_cosine and min_res >= th.min_residue_cosine
-            out_rows.append([ids[r], len(seqs[r]), f"{stored_cos:.7f}", f"{min(m.pooled_cosine for m in its):.7f}",
-                             f"{min_res:.7f}", f"{max(m.rel_l2 for m in its):.3e}", th.pooled_cosine, th.min_residue_cosine,
+            out_rows.append([ids[r], len(seqs[r]), f"{stored_cos:.10f}", f"{min(m.pooled_cosine for m in its):.10f}",
+                             f"{min_res:.10f}", f"{max(m.rel_l2 for m in its):.3e}", th.pooled_cosine, th.min_residue_cosine,
                              "pass" if ok else "FAIL"])
         ref_mat = np.stack([(ref_pooled[r][0] / ref_pooled[r][1]).float().cpu().numpy() for r in rows.tolist()])
         down = downstream(stored[rows].astype(np.float64), ref_mat)

@@ -1,4 +1,5 @@
 import glob
+import json
 import os
 
 import yaml
