@@ -224,3 +224,21 @@ def test_merge_fails_loudly_on_a_missing_or_duplicated_record(tmp_path):
         stages.merge_stage(d / "shards/manifest.json", d / "shards/skipped.tsv", [str(d / "emb0.parquet"), str(emb)], [], d)
     with pytest.raises(RuntimeError, match="duplicated ids"):
         stages.merge_stage(d / "shards/manifest.json", d / "shards/skipped.tsv", [str(d / "emb0.parquet")] * 2, [], d)
+
+
+def test_fewer_records_than_shards(tmp_path):
+    p = fasta(tmp_path, "two.faa", ">a\nMKVLA\n>b\nMKKLLAW\n")
+    d = tmp_path / "r"
+    man = stages.shard_stage([str(p)], d / "shards", n_shards=4)
+    assert man["shard_records"].count(0) == 2
+    embs, spots = [], []
+    for i in range(4):
+        s = d / f"shards/shard_{i:04d}.parquet"
+        stages.plan_stage(s, d / f"plan{i}.parquet", 2048)
+        stages.embed_stage(s, d / f"plan{i}.parquet", str(MODEL), d / f"emb{i}.parquet", device="cpu", lock_dir=d / "locks")
+        stages.spot_check_stage(s, d / f"emb{i}.parquet", str(MODEL), d / f"spot{i}.tsv", device="cpu", lock_dir=d / "locks")
+        embs.append(str(d / f"emb{i}.parquet"))
+        spots.append(str(d / f"spot{i}.tsv"))
+    summary = stages.merge_stage(d / "shards/manifest.json", d / "shards/skipped.tsv", embs, spots, d)
+    assert summary["embedded"] == 2 and summary["spot_checked"] == 2
+    assert pq.read_table(d / "embeddings.parquet")["id"].to_pylist() == ["a", "b"]

@@ -145,9 +145,9 @@ class Embedder:
         dim = self.packed.esm2.embed_dim
         dev = self.device
         item_rows = {c: torch.zeros(n_items, dim, dtype=torch.float32, device=dev) for c, _, _ in columns}
-        item_record = np.concatenate([p.records for p in plan.packs]) if plan.packs else np.zeros(0, np.int64)
-        item_len = np.concatenate([p.lengths for p in plan.packs]) if plan.packs else np.zeros(0, np.int64)
-        item_start = np.concatenate([p.starts for p in plan.packs]) if plan.packs else np.zeros(0, np.int64)
+        item_record, item_start, item_len = (
+            np.concatenate([getattr(p, attr) for p in plan.packs] + [np.zeros(0, np.int64)]) for attr in ("records", "starts", "lengths")
+        )
         residue_parts: dict[str, dict[int, torch.Tensor]] = {f"per_residue_l{l}": {} for l in outputs.per_residue_layers}
         # items are numbered in plan order
         first_item = np.concatenate([[0], np.cumsum([len(p.lengths) for p in plan.packs])]).astype(np.int64)

@@ -56,16 +56,16 @@ class LoadedModel:
         return self.model.embed_dim
 
 
-def sha256(path: str | Path) -> str:
-    """SHA-256 of a file, remembered in a ``.<name>.sha256`` sidecar keyed on size and mtime
-    (checkpoints are GBs, and every job records the checksum of the one it used)."""
+def sha256(path: str | Path, cache: bool = True) -> str:
+    """SHA-256 of a file. ``cache``: remember it in a ``.<name>.sha256`` sidecar keyed on size and
+    mtime (checkpoints are GBs, and every job records the checksum of the one it used)."""
     path = Path(path)
     st = path.stat()
     key = f"{st.st_size} {st.st_mtime_ns}"
     sidecar = path.with_name(f".{path.name}.sha256")
     try:
         cached_key, digest = sidecar.read_text().rsplit(" ", 1)
-        if cached_key == key:
+        if cache and cached_key == key:
             return digest
     except (OSError, ValueError):
         pass
@@ -73,10 +73,11 @@ def sha256(path: str | Path) -> str:
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 24), b""):
             h.update(chunk)
-    try:
-        sidecar.write_text(f"{key} {h.hexdigest()}")
-    except OSError:
-        pass
+    if cache:
+        try:
+            sidecar.write_text(f"{key} {h.hexdigest()}")
+        except OSError:
+            pass
     return h.hexdigest()
 
 
