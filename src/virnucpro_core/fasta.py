@@ -142,7 +142,7 @@ def read_fasta(
     for path in map(Path, paths):
         if not path.is_file():
             raise FastaError(f"{path}: input file does not exist")
-        kept = residues = acgt = 0
+        residues = acgt = 0
         n_raw = 0
         for number, line_no, header, lines in _raw_records(path):
             n_raw += 1
@@ -170,7 +170,6 @@ def read_fasta(
                 yield Skipped(str(path), number, rec_id, str(exc))
                 continue
             seen[rec_id] = (str(path), number)
-            kept += 1
             residues += len(seq)
             acgt += sum(map(seq.count, "ACGTN"))
             yield Record(order, str(path), number, rec_id, seq)
