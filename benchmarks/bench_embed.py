@@ -182,8 +182,7 @@ def main() -> int:
             print(f"\n{name}: {params / 1e6:.0f}M parameters; {data}: {len(seqs)} sequences, {tokens} tokens", flush=True)
 
             def timed(fn, repeats):
-                fn_warm = fn  # one warm-up pass (compilation, cuBLAS heuristics, allocator)
-                fn_warm()
+                fn()  # one warm-up pass (compilation, cuBLAS heuristics, allocator)
                 torch.cuda.reset_peak_memory_stats()
                 times = [sync_time(fn) for _ in range(repeats)]
                 return times, torch.cuda.max_memory_allocated() / 2**30

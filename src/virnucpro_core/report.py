@@ -6,7 +6,6 @@ benchmarks, the merged Parquet) and writes static PNG figures and TSV tables.
 
 from __future__ import annotations
 
-import csv
 import json
 import platform
 from pathlib import Path
@@ -20,13 +19,9 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from . import __version__  # noqa: E402
 from .parquet import column_array, read_metadata  # noqa: E402
+from .stages import read_tsv  # noqa: E402
 
 plt.rcParams.update({"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "font.size": 9})
-
-
-def _tsv(path: Path) -> list[dict]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh, delimiter="\t"))
 
 
 def _write_table(path: Path, rows: list[dict], title: str) -> None:
@@ -47,7 +42,7 @@ def input_figure(outdir: Path, dest: Path) -> None:
     summary = json.loads((outdir / "summary.json").read_text())
     table = pq.read_table(outdir / "embeddings.parquet", columns=["length"])
     lengths = table["length"].to_numpy()
-    skipped = _tsv(outdir / "skipped.tsv")
+    skipped = read_tsv(outdir / "skipped.tsv")
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
     files = list(summary["per_file"])
     names = [Path(f).name for f in files]
@@ -122,7 +117,7 @@ def embedding_figure(outdir: Path, dest: Path) -> list[dict]:
     for p in sorted((outdir / "embeddings").glob("shard_*.parquet")):
         run = read_metadata(p).get("run", {})
         bench = outdir / "benchmarks/embed_shard" / f"{p.stem}.tsv"
-        wall = float(_tsv(bench)[0]["s"]) if bench.exists() else float("nan")
+        wall = float(read_tsv(bench)[0]["s"]) if bench.exists() else float("nan")
         rows.append({"shard": p.stem, "device": run.get("device"), "records": run.get("records"), "tokens": run.get("tokens"),
                      "job_wall_s": round(wall, 2), "engine_s": round(run.get("seconds", float("nan")), 2),
                      "tokens_per_s": round(run.get("tokens_per_s", 0.0)),
@@ -150,7 +145,7 @@ def embedding_figure(outdir: Path, dest: Path) -> list[dict]:
 
 
 def equivalence_figure(outdir: Path, dest: Path) -> list[dict]:
-    rows = _tsv(outdir / "spot_check.tsv")
+    rows = read_tsv(outdir / "spot_check.tsv")
     fig, ax = plt.subplots(1, 2, figsize=(12, 3.6))
     if rows:
         length = np.array([int(r["length"]) for r in rows])

@@ -10,6 +10,7 @@ import csv
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,7 @@ def _write_tsv(path: Path, header: list[str], rows: list[list]) -> None:
     tmp.replace(path)
 
 
-def _read_tsv(path: Path) -> list[dict]:
+def read_tsv(path: Path) -> list[dict]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh, delimiter="\t"))
 
@@ -280,13 +281,15 @@ def spot_check_stage(
         ref = [h[1:-1] for h in reference_hidden(embedder.packed.esm2, singles, layer)]
         item_metrics = compare([ids[r] for r, _, _ in items], packed, ref)
         # pooled per record (windows weighted by residues), as the embed stage combines them
-        ref_pooled, out_rows = {}, []
+        sums: dict[int, list] = {}
         for (r, _, n), h in zip(items, ref):
-            acc = ref_pooled.setdefault(r, [0.0, 0])
+            acc = sums.setdefault(r, [0.0, 0])
             acc[0] = acc[0] + h.double().mean(0) * n
             acc[1] += n
+        ref_pooled = {r: (total / n).float().cpu() for r, (total, n) in sums.items()}
+        out_rows = []
         for r in rows.tolist():
-            ref_vec = (ref_pooled[r][0] / ref_pooled[r][1]).float().cpu()
+            ref_vec = ref_pooled[r]
             its = [m for (rr, _, _), m in zip(items, item_metrics) if rr == r]
             stored_cos = float(torch.nn.functional.cosine_similarity(torch.from_numpy(stored[r].astype(np.float64)), ref_vec.double(), dim=0))
             pooled_cos = min([stored_cos] + [m.pooled_cosine for m in its])
@@ -295,7 +298,7 @@ def spot_check_stage(
             out_rows.append([ids[r], len(seqs[r]), f"{stored_cos:.10f}", f"{min(m.pooled_cosine for m in its):.10f}",
                              f"{min_res:.10f}", f"{max(m.rel_l2 for m in its):.3e}", th.pooled_cosine, th.min_residue_cosine,
                              "pass" if ok else "FAIL"])
-        ref_mat = np.stack([(ref_pooled[r][0] / ref_pooled[r][1]).float().cpu().numpy() for r in rows.tolist()])
+        ref_mat = np.stack([ref_pooled[r].numpy() for r in rows.tolist()])
         down = downstream(stored[rows].astype(np.float64), ref_mat)
     _write_tsv(Path(out), header, out_rows)
     failed = [r for r in out_rows if r[-1] != "pass"]
@@ -333,18 +336,19 @@ def merge_stage(
     problems = []
     if len(ids) != man["records"]:
         problems.append(f"{len(ids)} embedded records, {man['records']} kept by the shard step")
-    if len(set(ids)) != len(ids):
-        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
-        problems.append(f"duplicated ids in the embeddings: {dup}")
+    dup = sorted(i for i, n in Counter(ids).items() if n > 1)
+    if dup:
+        problems.append(f"duplicated ids in the embeddings: {dup[:5]}")
     if not np.array_equal(order, np.arange(len(order))):
         problems.append("records are missing or out of input order")
-    skipped_rows = _read_tsv(Path(skipped))
+    skipped_rows = read_tsv(Path(skipped))
     # per input file: records in = records embedded (at least one row) + records skipped
     embedded_records = set(zip(table["file"].to_pylist(), table["record"].to_pylist()))
+    embedded_per_file = Counter(file for file, _ in embedded_records)
+    skipped_per_file = Counter(r["file"] for r in skipped_rows)
     per_file_out = {}
     for f in man["inputs"]:
-        out_n = sum(1 for file, _ in embedded_records if file == f["file"])
-        skip_n = sum(1 for r in skipped_rows if r["file"] == f["file"])
+        out_n, skip_n = embedded_per_file[f["file"]], skipped_per_file[f["file"]]
         per_file_out[f["file"]] = {"records_in": f["records"], "embedded": out_n, "skipped": skip_n}
         if f["records"] != out_n + skip_n:
             problems.append(f"{f['file']}: {f['records']} records in, {out_n} embedded + {skip_n} skipped")
