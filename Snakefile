@@ -21,6 +21,10 @@ include: "workflow/rules/merge.smk"
 include: "workflow/rules/report.smk"
 
 
+onstart:
+    claim_outdir()
+
+
 rule all:
     default_target: True
     input:

@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from virnucpro_core import stages
 from virnucpro_core.embed import Embedder, Outputs
-from virnucpro_core.model import ESM2_MODELS, LoadedModel, build_esm2
+from virnucpro_core.model import LoadedModel, build_esm2
+from virnucpro_core.options import ESM2_MODELS, EmbeddingOptions, Options
 from virnucpro_core.packing import build_plan
+from virnucpro_core.stages import embed, plan, shard
 
 AA = "ACDEFGHIKLMNPQRSTVWY"
 SHAPES = {"650M": "esm2_t33_650M_UR50D", "3B": "esm2_t36_3B_UR50D", "8M": "esm2_t6_8M_UR50D"}
@@ -140,6 +141,7 @@ def main() -> int:
     ap.add_argument("--baseline-repeats", type=int, default=2)
     ap.add_argument("--budgets", default="16384,65536")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--datasets", default="uniref,reads", help="reads runs for the 650M shape only")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -174,7 +176,7 @@ def main() -> int:
         esm2 = esm2.to(torch.bfloat16).eval()
         params = sum(p.numel() for p in esm2.parameters())
         loaded = LoadedModel(esm2, esm2.alphabet, name, "random", "-")
-        datasets = ["uniref", "reads"] if shape == "650M" else ["uniref"]
+        datasets = [d for d in args.datasets.split(",") if d == "uniref" or shape == "650M"]
         for data in datasets:
             seqs = dataset(data, args.tokens if shape != "3B" else args.tokens_3b)
             tokens = sum(len(s) + 2 for s in seqs)
@@ -196,28 +198,29 @@ def main() -> int:
                 del hf
                 torch.cuda.empty_cache()
             lengths = [len(s) for s in seqs]
-            settings = [(b, True, True) for b in budgets] + [(budgets[-1], False, True), (budgets[-1], True, False)]
-            for budget, comp, res32 in settings:
-                emb = Embedder(loaded, "cuda", "bfloat16", compile=comp, fp32_residual=res32)
-                outputs = Outputs.resolve(layers)
+            settings = [(b, True) for b in budgets] + [(budgets[-1], False)]
+            for budget, comp in settings:
+                emb = Embedder(loaded, "cuda", "bfloat16", "auto", compile=comp)
+                outputs = Outputs.resolve(layers, EmbeddingOptions())
 
                 def go():
-                    plan = build_plan(lengths, budget)
-                    return emb.embed(seqs, plan, outputs, progress_every=1e9)
+                    return emb.embed(seqs, build_plan(lengths, budget, "truncate", 0), outputs, progress_every=1e9)
 
                 t, m = timed(go, args.repeats)
-                label = f"engine {emb.backend} budget {budget}" + ("" if comp else " no-compile") + ("" if res32 else " bf16-residual")
+                label = f"engine {emb.backend} budget {budget}" + ("" if comp else " no-compile")
                 record(name, data, label, t, tokens, params, m, base)
             # the whole stage: FASTA -> shard -> plan -> embed -> Parquet
             with tempfile.TemporaryDirectory() as tmp:
                 fasta = Path(tmp) / "in.faa"
                 fasta.write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(seqs)))
 
+                opts = Options().replace(shards=1, **{"packing.token_budget": budgets[-1], "embedding.device": "cuda",
+                                                      "embedding.lock_dir": str(Path(tmp) / "locks")})
+
                 def stage():
-                    stages.shard_stage([str(fasta)], Path(tmp) / "shards", n_shards=1)
-                    stages.plan_stage(Path(tmp) / "shards/shard_0000.parquet", Path(tmp) / "plan.parquet", budgets[-1])
-                    stages.embed_stage(Path(tmp) / "shards/shard_0000.parquet", Path(tmp) / "plan.parquet", loaded,
-                                       Path(tmp) / "emb.parquet", device="cuda", lock_dir=Path(tmp) / "locks")
+                    shard.run([str(fasta)], Path(tmp) / "shards", opts)
+                    plan.run(Path(tmp) / "shards/shard_0000.parquet", Path(tmp) / "plan.parquet", None, opts)
+                    embed.run(Path(tmp) / "shards/shard_0000.parquet", Path(tmp) / "plan.parquet", loaded, Path(tmp) / "emb.parquet", opts)
 
                 t, m = timed(stage, args.repeats)
                 record(name, data, f"stage FASTA->Parquet budget {budgets[-1]}", t, tokens, params, m, base)

@@ -31,7 +31,7 @@ def test_concurrent_jobs_never_share_a_device(tmp_path):
         p.start()
     for p in procs:
         p.join(10)
-    events = [q.get() for _ in range(8)]
+    events = [q.get(timeout=10) for _ in range(8)]
     held = {}
     for pid, what, t in sorted(events, key=lambda e: e[2]):
         if what == "released":

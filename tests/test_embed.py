@@ -8,15 +8,18 @@ import torch
 from conftest import random_protein
 from virnucpro_core.embed import Embedder, Outputs, SequenceTooLargeError
 from virnucpro_core.equivalence import reference_hidden
-from virnucpro_core.packing import Pack, Tokenizer, build_plan
-from virnucpro_core.parquet import column_array, embeddings_table, read_metadata, atomic_write_table
+from virnucpro_core.files import write_table
+from virnucpro_core.options import EmbeddingOptions
+from virnucpro_core.packing import Pack, build_plan, windows
+from virnucpro_core.parquet import column_array, embeddings_table, read_metadata
+from virnucpro_core.tokenizer import Tokenizer
 
 
 def embed(model, seqs, budget=4096, policy="truncate", outputs=None, hook=None):
-    e = Embedder(model, "cpu", "float32", compile=False)
+    e = Embedder(model, "cpu", "float32", "reference", compile=False)
     e.fail_hook = hook
     plan = build_plan([len(s) for s in seqs], budget, policy, 200)
-    return e.embed(seqs, plan, outputs or Outputs.resolve(model.num_layers), ids=[f"seq{i}" for i in range(len(seqs))])
+    return e.embed(seqs, plan, outputs or Outputs.resolve(model.num_layers, EmbeddingOptions()), ids=[f"seq{i}" for i in range(len(seqs))])
 
 
 def test_oom_splits_packs_and_gives_the_same_embeddings(tiny_model, rng, caplog):
@@ -46,10 +49,8 @@ def test_oom_on_a_single_sequence_names_it(tiny_model, rng):
 def test_split_policy_averages_windows_weighted_by_residues(tiny_model, rng):
     model = tiny_model.model
     seq = random_protein(rng, 2500)
-    out = embed(tiny_model, [seq, "MKV"], policy="split", outputs=Outputs.resolve(3, per_residue_layers=(3,)))
+    out = embed(tiny_model, [seq, "MKV"], policy="split", outputs=Outputs.resolve(3, EmbeddingOptions(per_residue_layers=(3,))))
     tok = Tokenizer(tiny_model.alphabet)
-    from virnucpro_core.packing import windows
-
     ws = windows(2500, "split", 200)
     singles = [torch.from_numpy(tok.pack_tokens([seq], Pack(np.array([0]), np.array([s]), np.array([n])))) for s, n in ws]
     ref = [h[1:-1] for h in reference_hidden(model, singles, 3)]
@@ -72,19 +73,19 @@ def test_truncate_policy_equals_fair_esm_truncation(tiny_model, rng):
 
 
 def test_output_columns():
-    o = Outputs.resolve(6, layers=(-2, 3), poolings=("bos",))
+    o = Outputs.resolve(6, EmbeddingOptions(layers=(-2, 3), poolings=("bos",)))
     assert o.layers == (3, 5, 6) and o.poolings == ("mean", "bos")
     names = [c for c, _, _ in o.columns(6)]
     assert names[0] == "embedding" and "embedding_bos_l6" in names and "embedding_mean_l5" in names
     with pytest.raises(ValueError, match="out of range"):
-        Outputs.resolve(6, layers=(7,))
+        Outputs.resolve(6, EmbeddingOptions(layers=(7,)))
 
 
 def test_parquet_round_trip_with_metadata(tmp_path):
     emb = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float16)
     res = [np.ones((n, 8), np.float32) * n for n in (1, 2, 3)]
     t = embeddings_table(["a", "b", "c"], np.array([1, 2, 3]), {"embedding": emb, "per_residue_l1": res}, {"model": "m"})
-    atomic_write_table(t, tmp_path / "e.parquet")
+    write_table(t, tmp_path / "e.parquet")
     back = pq.read_table(tmp_path / "e.parquet")
     typ = back.schema.field("embedding").type
     assert typ.list_size == 8 and str(typ.value_type) == "halffloat"

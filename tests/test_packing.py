@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from conftest import random_protein
-from virnucpro_core.packing import MAX_RESIDUES, Pack, Tokenizer, build_plan, first_fit_decreasing, load_plan, save_plan, windows
+from virnucpro_core.packing import MAX_RESIDUES, Pack, build_plan, first_fit_decreasing, load_plan, save_plan, windows
+from virnucpro_core.tokenizer import Tokenizer
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -36,7 +37,7 @@ def test_item_over_budget_is_refused():
     with pytest.raises(ValueError, match="exceeds the token budget"):
         first_fit_decreasing(np.array([2000]), 1024)
     with pytest.raises(ValueError, match="below one full sequence"):
-        build_plan([10], 512)
+        build_plan([10], 512, "truncate", 0)
 
 
 def test_windows():

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import random_protein
-from virnucpro_core import stages
+from virnucpro_core.options import Options
+from virnucpro_core.stages import embed, merge, plan, shard, spot_check
 from virnucpro_core.parquet import column_array
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,16 +194,21 @@ def test_sigkill_during_embedding_then_rerun_gives_the_same_output(tmp_path):
 
 
 # ------------------------------------------------------------------ determinism and accounting (in process)
+def cpu_options(d, **changes):
+    return Options().replace(**{"embedding.device": "cpu", "embedding.lock_dir": str(d / "locks"), **changes})
+
+
 def run_stages(tmp_path, n_shards, budget, name):
     d = tmp_path / name
-    man = stages.shard_stage([str(EXAMPLE)], d / "shards", n_shards=n_shards)
+    opts = cpu_options(d, shards=n_shards, **{"packing.token_budget": budget})
+    man = shard.run([str(EXAMPLE)], d / "shards", opts)
     embs, spots = [], []
     for i in range(man["shards"]):
         s = d / f"shards/shard_{i:04d}.parquet"
-        stages.plan_stage(s, d / f"plan{i}.parquet", budget)
-        stages.embed_stage(s, d / f"plan{i}.parquet", str(MODEL), d / f"emb{i}.parquet", device="cpu", lock_dir=d / "locks")
+        plan.run(s, d / f"plan{i}.parquet", None, opts)
+        embed.run(s, d / f"plan{i}.parquet", str(MODEL), d / f"emb{i}.parquet", opts)
         embs.append(str(d / f"emb{i}.parquet"))
-    return stages.merge_stage(d / "shards/manifest.json", d / "shards/skipped.tsv", embs, spots, d), d
+    return merge.run(d / "shards/manifest.json", d / "shards/skipped.tsv", embs, spots, d), d
 
 
 def test_shard_and_pack_counts_do_not_change_embeddings(tmp_path):
@@ -221,24 +227,32 @@ def test_merge_fails_loudly_on_a_missing_or_duplicated_record(tmp_path):
     t = pq.read_table(emb)
     pq.write_table(t.slice(0, t.num_rows - 1), emb)
     with pytest.raises(RuntimeError, match="299 embedded records, 300 kept by the shard step; .*299 embedded"):
-        stages.merge_stage(d / "shards/manifest.json", d / "shards/skipped.tsv", [str(d / "emb0.parquet"), str(emb)], [], d)
+        merge.run(d / "shards/manifest.json", d / "shards/skipped.tsv", [str(d / "emb0.parquet"), str(emb)], [], d)
     with pytest.raises(RuntimeError, match="duplicated ids"):
-        stages.merge_stage(d / "shards/manifest.json", d / "shards/skipped.tsv", [str(d / "emb0.parquet")] * 2, [], d)
+        merge.run(d / "shards/manifest.json", d / "shards/skipped.tsv", [str(d / "emb0.parquet")] * 2, [], d)
 
 
 def test_fewer_records_than_shards(tmp_path):
     p = fasta(tmp_path, "two.faa", ">a\nMKVLA\n>b\nMKKLLAW\n")
     d = tmp_path / "r"
-    man = stages.shard_stage([str(p)], d / "shards", n_shards=4)
-    assert man["shard_records"].count(0) == 2
+    opts = cpu_options(d, shards=4, **{"packing.token_budget": 2048})
+    man = shard.run([str(p)], d / "shards", opts)
+    assert man["shards"] == 2 and man["shard_records"] == [1, 1]  # no empty shard
     embs, spots = [], []
-    for i in range(4):
+    for i in range(man["shards"]):
         s = d / f"shards/shard_{i:04d}.parquet"
-        stages.plan_stage(s, d / f"plan{i}.parquet", 2048)
-        stages.embed_stage(s, d / f"plan{i}.parquet", str(MODEL), d / f"emb{i}.parquet", device="cpu", lock_dir=d / "locks")
-        stages.spot_check_stage(s, d / f"emb{i}.parquet", str(MODEL), d / f"spot{i}.tsv", device="cpu", lock_dir=d / "locks")
+        plan.run(s, d / f"plan{i}.parquet", None, opts)
+        embed.run(s, d / f"plan{i}.parquet", str(MODEL), d / f"emb{i}.parquet", opts)
+        spot_check.run(s, d / f"emb{i}.parquet", str(MODEL), d / f"spot{i}.tsv", opts)
         embs.append(str(d / f"emb{i}.parquet"))
         spots.append(str(d / f"spot{i}.tsv"))
-    summary = stages.merge_stage(d / "shards/manifest.json", d / "shards/skipped.tsv", embs, spots, d)
+    summary = merge.run(d / "shards/manifest.json", d / "shards/skipped.tsv", embs, spots, d)
     assert summary["embedded"] == 2 and summary["spot_checked"] == 2
     assert pq.read_table(d / "embeddings.parquet")["id"].to_pylist() == ["a", "b"]
+
+
+def test_spot_check_uses_the_configured_attention_backend(tmp_path):
+    _, d = run_stages(tmp_path, 1, 65536, "att")
+    opts = cpu_options(d, **{"embedding.attention": "torch_varlen"})
+    with pytest.raises(ValueError, match="'torch_varlen' is not available for cpu"):
+        spot_check.run(d / "shards/shard_0000.parquet", d / "emb0.parquet", str(MODEL), d / "spot.tsv", opts)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import Callable
 
 import torch
 
-BACKENDS = ("flash_attn", "torch_varlen", "reference")
+Attention = Callable[..., torch.Tensor]
 
 
 def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
@@ -35,43 +36,43 @@ def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
     return found
 
 
-def pick_backend(device: torch.device, dtype: torch.dtype, requested: str = "auto") -> str:
+def resolve_backend(device: torch.device, dtype: torch.dtype, requested: str = "auto") -> tuple[str, Attention]:
+    """The backend's name and its attention function ``(q, k, v, cu_seqlens, max_seqlen, scale)``,
+    with q, k, v of shape (tokens, heads, head_dim); resolved once per model."""
     found = available_backends(device, dtype)
-    if requested == "auto":
-        return found[0]
-    if requested not in found:
+    name = found[0] if requested == "auto" else requested
+    if name not in found:
         raise ValueError(f"attention backend {requested!r} is not available for {device.type}/{dtype}; available: {found}")
-    return requested
-
-
-def varlen_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
-    scale: float,
-    backend: str,
-) -> torch.Tensor:
-    """Bidirectional attention within each sequence of a pack; q, k, v are (tokens, heads, dim)."""
-    if backend == "flash_attn":
+    if name == "flash_attn":
         from flash_attn import flash_attn_varlen_func
 
-        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale)
-    if backend == "torch_varlen":
+        def attend(q, k, v, cu, max_seqlen, scale):
+            return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale)
+
+    elif name == "torch_varlen":
         from torch.nn.attention.varlen import varlen_attn
 
         if "scale" in inspect.signature(varlen_attn).parameters:
-            return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale)
-        # older releases have no scale argument and use 1/sqrt(head_dim), which is ESM's
-        assert math.isclose(scale, q.shape[-1] ** -0.5)
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
-    if backend == "reference":
-        return reference_attention(q, k, v, cu_seqlens, scale)
-    raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
+
+            def attend(q, k, v, cu, max_seqlen, scale):
+                return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale)
+
+        else:  # older releases have no scale argument and use 1/sqrt(head_dim), which is ESM's
+
+            def attend(q, k, v, cu, max_seqlen, scale):
+                assert math.isclose(scale, q.shape[-1] ** -0.5)
+                return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen)
+
+    else:
+
+        def attend(q, k, v, cu, max_seqlen, scale):
+            return reference_attention(q, k, v, cu, scale)
+
+    return name, attend
 
 
 def reference_attention(q, k, v, cu_seqlens, scale):
+    """Plain softmax attention, one sequence at a time."""
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for s, e in zip(bounds[:-1], bounds[1:]):

@@ -1,95 +1,91 @@
-"""Command line: ``python -m virnucpro_core <stage> ...`` (also the ``virnucpro`` script)."""
+"""Entry points: ``python -m virnucpro_core <stage> ...`` (also the ``virnucpro`` script), and
+:func:`job`, which runs a Snakemake rule's stage from ``workflow/scripts/stage.py``.
+
+Each stage's options are flags named like the config keys (``--embedding.dtype float32``), built
+from :mod:`.options`; ``--config FILE`` reads a YAML or JSON file of the same form (e.g.
+``config/config.yaml``), and flags override it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
+from pathlib import Path
+from typing import Any, Callable
 
-from . import __version__
+import yaml
+
+from . import __version__, claim
+from .layout import Layout
+from .options import PATH_KEYS, Options, leaves
+from .schema import markdown_table, schema_yaml
+
+log = logging.getLogger("virnucpro_core")
+
+# the option keys (and sections) each stage reads
+STAGE_OPTIONS = {
+    "shard": ("on_invalid", "input_type", "shards", "residues_per_shard", "nucleotide"),
+    "plan": ("packing", "long_sequences"),
+    "embed": ("model_dir", "embedding"),
+    "spot-check": ("model_dir", "embedding", "long_sequences", "spot_check"),
+}
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
-
-
-def _strs(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
+def _add_options(p: argparse.ArgumentParser, stage: str) -> None:
+    p.add_argument("--config", help="YAML or JSON file of options, as config/config.yaml (flags override it)")
+    for key, f, _ in leaves():
+        if key.split(".")[0] in STAGE_OPTIONS[stage] and not f.metadata["job_resource"]:
+            choices = f"; one of {', '.join(f.metadata['choices'])}" if f.metadata["choices"] else ""
+            p.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, metavar="VALUE",
+                           help=f"{f.metadata['doc']}{choices} (default: {json.dumps(f.default)})")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="virnucpro_core", description=__doc__)
+    p = argparse.ArgumentParser(prog="virnucpro_core", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=__version__)
     sub = p.add_subparsers(dest="stage", required=True)
 
     s = sub.add_parser("shard", help="validate FASTA inputs and cut them into residue-balanced shards")
     s.add_argument("inputs", nargs="+")
-    s.add_argument("--outdir", required=True)
-    g = s.add_mutually_exclusive_group()
-    g.add_argument("--shards", type=int)
-    g.add_argument("--residues-per-shard", type=int)
-    s.add_argument("--on-invalid", choices=["error", "skip"], default="error")
-    s.add_argument("--input-type", choices=["protein", "nucleotide"], default="protein")
-    s.add_argument("--window", type=int, default=300, help="nucleotide window (bp)")
-    s.add_argument("--step", type=int, help="nucleotide window step (bp; default: the window)")
-    s.add_argument("--frames", choices=["six", "forward", "longest_orf"], default="six")
-    s.add_argument("--genetic-code", type=int, default=11, help="NCBI translation table id")
-    s.add_argument("--stops", choices=["truncate", "split", "keep_x"], default="truncate")
-    s.add_argument("--min-protein-length", type=int, default=20)
+    s.add_argument("--out", required=True, help="folder for the shards, skipped.tsv and manifest.json")
+    _add_options(s, "shard")
 
     s = sub.add_parser("plan", help="first-fit-decreasing packing plan for one shard")
     s.add_argument("shard")
     s.add_argument("--out", required=True)
     s.add_argument("--stats")
-    s.add_argument("--budget", type=int, default=16384, help="tokens per pack")
-    s.add_argument("--long-policy", choices=["truncate", "split"], default="truncate")
-    s.add_argument("--overlap", type=int, default=256)
-
-    def model_args(s):
-        s.add_argument("--model", required=True, help="fair-esm ESM-2 name or checkpoint path")
-        s.add_argument("--model-dir", help="where named models are downloaded (default: torch hub's cache)")
-        s.add_argument("--device", default="auto", help="auto, cpu or cuda")
-        s.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-        s.add_argument("--lock-dir", default=".gpu-locks")
+    _add_options(s, "plan")
 
     s = sub.add_parser("embed", help="packed ESM-2 embeddings of one shard")
     s.add_argument("shard")
     s.add_argument("--plan", required=True)
+    s.add_argument("--model", required=True, help=PATH_KEYS["model"]["doc"])
     s.add_argument("--out", required=True)
-    model_args(s)
-    s.add_argument("--backend", default="auto", choices=["auto", "flash_attn", "torch_varlen", "reference"])
-    s.add_argument("--layers", type=_ints, default=(-1,))
-    s.add_argument("--poolings", type=_strs, default=("mean",))
-    s.add_argument("--per-residue-layers", type=_ints, default=())
-    s.add_argument("--output-dtype", choices=["float32", "float16"], default="float32")
+    _add_options(s, "embed")
 
     s = sub.add_parser("spot-check", help="compare a sample of a shard with the unpacked model")
     s.add_argument("shard")
     s.add_argument("--embeddings", required=True)
+    s.add_argument("--model", required=True, help=PATH_KEYS["model"]["doc"])
     s.add_argument("--out", required=True)
-    model_args(s)
-    s.add_argument("--sample", type=int, default=16)
-    s.add_argument("--long-policy", choices=["truncate", "split"], default="truncate")
-    s.add_argument("--overlap", type=int, default=256)
-    s.add_argument("--pooled-threshold", type=float)
-    s.add_argument("--residue-threshold", type=float)
-    s.add_argument("--on-fail", choices=["error", "warn"], default="error")
+    _add_options(s, "spot-check")
 
     s = sub.add_parser("merge", help="merge shard embeddings into one Parquet, with accounting")
-    s.add_argument("--manifest", required=True)
-    s.add_argument("--skipped", required=True)
+    s.add_argument("--shards", required=True, help="the shard stage's folder (manifest.json, skipped.tsv)")
     s.add_argument("--embeddings", nargs="+", required=True)
     s.add_argument("--spot-checks", nargs="*", default=[])
-    s.add_argument("--outdir", required=True)
+    s.add_argument("--out", required=True)
 
     s = sub.add_parser("report", help="figures and tables of a finished run, for snakemake --report")
     s.add_argument("--outdir", required=True, help="the run's outdir")
-    s.add_argument("--figdir", required=True)
-    s.add_argument("--config-json", help="the run's configuration, recorded in the provenance table")
+    s.add_argument("--config", help="the run's configuration (YAML or JSON), recorded in the provenance table")
 
     s = sub.add_parser("fetch-model", help="download a fair-esm ESM-2 release once")
     s.add_argument("name")
-    s.add_argument("--model-dir")
+    s.add_argument("--model-dir", default=Options().model_dir)
 
     s = sub.add_parser("random-model", help="write a random-weight ESM-2 checkpoint (tests, benchmarks)")
     s.add_argument("out")
@@ -97,57 +93,139 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--dim", type=int, default=64)
     s.add_argument("--heads", type=int, default=4)
     s.add_argument("--seed", type=int, default=0)
+
+    s = sub.add_parser("options", help="print every option with its default (YAML), the config schema or the options table")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--schema", action="store_true", help="workflow/schemas/config.schema.yaml")
+    g.add_argument("--markdown", action="store_true", help="the table of config/README.md")
     return p
+
+
+def _read_config(path: str | None) -> dict:
+    return (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
+
+
+def options_from_args(args: argparse.Namespace) -> Options:
+    """``--config`` file, then the option flags given (dotted keys) on top."""
+    keys = {k for k, _, _ in leaves()}
+    flags = {k: v for k, v in vars(args).items() if k in keys}
+    return Options.from_dict(_read_config(args.config), ignore=tuple(PATH_KEYS)).replace(**flags)
+
+
+def _run(stage: str, fn: Callable[[], Any]) -> int:
+    """Run a stage; a bad input, checkpoint or option (FastaError and CheckpointError are ValueErrors),
+    a failed check or a full disk ends it with one line naming it."""
+    log.info("virnucpro_core %s: %s", __version__, stage)
+    try:
+        fn()
+    except (ValueError, RuntimeError, OSError) as exc:
+        log.error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("virnucpro_core").info("virnucpro_core %s: %s", __version__, args.stage)
-    from . import stages
-    from .fasta import FastaError
-    from .model import CheckpointError
+    if args.stage == "options":
+        print(schema_yaml() if args.schema else markdown_table() if args.markdown else
+              yaml.safe_dump(Options().to_dict(), sort_keys=False), end="")
+        return 0
+    _logging()
+    if args.stage == "shard":
+        from .stages import shard
 
-    try:
-        if args.stage == "shard":
-            nucleotide = None
-            if args.input_type == "nucleotide":
-                nucleotide = {"window": args.window, "step": args.step, "frames": args.frames, "table": args.genetic_code,
-                              "stops": args.stops, "min_protein_length": args.min_protein_length}
-            stages.shard_stage(args.inputs, args.outdir, args.shards, args.residues_per_shard, args.on_invalid, nucleotide)
-        elif args.stage == "plan":
-            stages.plan_stage(args.shard, args.out, args.budget, args.long_policy, args.overlap, args.stats)
-        elif args.stage == "embed":
-            stages.embed_stage(
-                args.shard, args.plan, args.model, args.out, args.device, args.dtype, args.backend, args.layers,
-                args.poolings, args.per_residue_layers, args.output_dtype, args.lock_dir, args.model_dir,
-            )
-        elif args.stage == "spot-check":
-            stages.spot_check_stage(
-                args.shard, args.embeddings, args.model, args.out, args.sample, args.device, args.dtype, args.long_policy,
-                args.overlap, args.pooled_threshold, args.residue_threshold, args.on_fail, args.lock_dir, args.model_dir,
-            )
-        elif args.stage == "merge":
-            stages.merge_stage(args.manifest, args.skipped, args.embeddings, args.spot_checks, args.outdir)
-        elif args.stage == "report":
-            import json
+        return _run("shard", lambda: shard.run(args.inputs, args.out, options_from_args(args)))
+    if args.stage == "plan":
+        from .stages import plan
 
-            from .report import write_report_files
+        return _run("plan", lambda: plan.run(args.shard, args.out, args.stats, options_from_args(args)))
+    if args.stage == "embed":
+        from .stages import embed
 
-            write_report_files(args.outdir, args.figdir, json.loads(args.config_json) if args.config_json else None)
-        elif args.stage == "fetch-model":
-            from .model import fetch_model
+        return _run("embed", lambda: embed.run(args.shard, args.plan, args.model, args.out, options_from_args(args)))
+    if args.stage == "spot-check":
+        from .stages import spot_check
 
-            print(fetch_model(args.name, args.model_dir))
-        elif args.stage == "random-model":
-            import torch
+        return _run("spot-check", lambda: spot_check.run(args.shard, args.embeddings, args.model, args.out, options_from_args(args)))
+    if args.stage == "merge":
+        from .stages import merge
 
-            from .model import build_esm2, save_checkpoint
+        shards = Path(args.shards)
+        return _run("merge", lambda: merge.run(shards / "manifest.json", shards / "skipped.tsv", args.embeddings, args.spot_checks, args.out))
+    if args.stage == "report":
+        from .report import write_report_files
 
-            torch.manual_seed(args.seed)
-            save_checkpoint(build_esm2(args.layers, args.dim, args.heads), args.out)
-    except (FastaError, CheckpointError, ValueError, RuntimeError) as exc:
-        logging.getLogger("virnucpro_core").error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return _run("report", lambda: write_report_files(args.outdir, _read_config(args.config) or None))
+    if args.stage == "fetch-model":
+        from .model import fetch_model
+
+        return _run("fetch-model", lambda: print(fetch_model(args.name, args.model_dir)))
+    if args.stage == "random-model":
+        import torch
+
+        from .model import build_esm2, save_checkpoint
+
+        torch.manual_seed(args.seed)
+        save_checkpoint(build_esm2(args.layers, args.dim, args.heads), args.out)
     return 0
+
+
+# ------------------------------------------------------------------ Snakemake's script: directive
+def job(smk: Any) -> None:
+    """Run the stage of the Snakemake rule ``smk.rule`` (the ``snakemake`` object of a ``script:``).
+
+    Paths and options arrive as data, never through a shell. Everything the job prints, Python
+    or not, goes to the rule's log, as ``> {log} 2>&1`` would send it."""
+    fd = os.open(smk.log[0], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+    sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+    _logging()
+    config = dict(smk.config)
+    options = Options.from_dict(config, ignore=tuple(PATH_KEYS))
+    i, o = smk.input, smk.output
+    if smk.rule == "shard_fasta":
+        from .stages import shard as stage
+
+        name, work = "shard", lambda: stage.run(list(i), o.shards, options)
+    elif smk.rule == "packing_plan":
+        from .stages import plan as stage
+
+        name, work = "plan", lambda: stage.run(i.shard, o.plan, o.stats, options)
+    elif smk.rule == "embed_shard":
+        from .stages import embed as stage
+
+        name, work = "embed", lambda: stage.run(i.shard, i.plan, i.model, o[0], options)
+    elif smk.rule == "spot_check":
+        from .stages import spot_check as stage
+
+        name, work = "spot-check", lambda: stage.run(i.shard, i.embeddings, i.model, o.tsv, options)
+    elif smk.rule == "merge":
+        from .stages import merge as stage
+
+        run = Layout(options.outdir)
+        name, work = "merge", lambda: stage.run(run.manifest, run.shard_skipped, list(i.embeddings), list(i.spot_checks), options.outdir)
+    elif smk.rule == "report_figures":
+        from .report import write_report_files
+
+        name, work = "report", lambda: write_report_files(options.outdir, config)
+    elif smk.rule == "fetch_model":
+        from .model import fetch_model
+
+        name, work = "fetch-model", lambda: fetch_model(smk.wildcards.name, options.model_dir)
+    else:
+        raise ValueError(f"no stage for rule {smk.rule!r}")
+
+    def checked():
+        run_id = os.environ.get(claim.ENV)
+        if run_id:  # started by the workflow: the outdir must still be this run's
+            claim.check(options.outdir, run_id)
+        work()
+
+    sys.exit(_run(name, checked))

@@ -38,7 +38,7 @@ def scheduler_assigned() -> bool:
 @contextlib.contextmanager
 def acquire_device(
     lock_dir: str | Path,
-    requested: str = "auto",
+    requested: str,
     n_devices: int | None = None,
     poll_seconds: float = 5.0,
 ) -> Iterator[str]:

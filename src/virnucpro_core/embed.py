@@ -1,25 +1,26 @@
 """Embedding stage: a shard's packs through the packed ESM-2, pooled per record.
 
-The GPU never waits on Python: a background thread tokenises the next packs (byte lookup
-table), pins them and the main thread copies them asynchronously; pooled outputs stay on
-the device and are copied to the host once at the end. On CUDA out-of-memory a pack is split
+The GPU never waits on Python: packs are tokenised ahead (:mod:`.prefetch`) and copied
+asynchronously; pooled outputs stay on the device and are copied to the host once at the end. On CUDA out-of-memory a pack is split
 in two and retried, down to single sequences.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from .equivalence import reference_hidden
 from .model import LoadedModel
+from .options import EmbeddingOptions, resolve_layers
 from .packed_esm import POOLINGS, PackedESM2, pool, residues
-from .packing import Pack, Plan, Tokenizer
+from .packing import Pack, Plan
+from .prefetch import prefetch
+from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -35,24 +36,20 @@ class Outputs:
     """What to compute: pooled columns per (layer, pooling) and optional per-residue layers."""
 
     layers: tuple[int, ...]  # layers for pooled columns; the last layer is always included
-    poolings: tuple[str, ...] = ("mean",)
-    per_residue_layers: tuple[int, ...] = ()
+    poolings: tuple[str, ...]
+    per_residue_layers: tuple[int, ...]
 
     @staticmethod
-    def resolve(num_layers: int, layers=(-1,), poolings=("mean",), per_residue_layers=()) -> "Outputs":
-        def fix(ls):
-            out = []
-            for layer in ls:
-                layer = num_layers + 1 + layer if layer < 0 else layer
-                if not 0 <= layer <= num_layers:
-                    raise ValueError(f"layer {layer} out of range 0..{num_layers}")
-                out.append(layer)
-            return tuple(sorted(set(out)))
-
-        for p in poolings:
+    def resolve(num_layers: int, options: EmbeddingOptions) -> "Outputs":
+        """Layers as indices 0..num_layers; the last layer's mean (the ``embedding`` column) is always included."""
+        for p in options.poolings:
             if p not in POOLINGS:
                 raise ValueError(f"pooling must be one of {POOLINGS}, not {p!r}")
-        return Outputs(fix([*layers, -1]), tuple(dict.fromkeys(["mean", *poolings])), fix(per_residue_layers))
+        return Outputs(
+            resolve_layers((*options.layers, -1), num_layers, "embedding.layers"),
+            tuple(dict.fromkeys(["mean", *options.poolings])),
+            resolve_layers(options.per_residue_layers, num_layers, "embedding.per_residue_layers"),
+        )
 
     def columns(self, num_layers: int) -> list[tuple[str, int, str]]:
         """(column name, layer, pooling); the default ``embedding`` is the last layer's mean."""
@@ -79,20 +76,18 @@ class Embedder:
     def __init__(
         self,
         loaded: LoadedModel,
-        device: str | torch.device = "cpu",
-        dtype: str = "float32",
-        backend: str = "auto",
+        device: str | torch.device,
+        dtype: str,
+        backend: str,
         compile: bool | None = None,
-        fp32_residual: bool = True,
     ) -> None:
         """``compile``: torch.compile the fused layer parts (default: on a GPU)."""
         self.device = torch.device(device)
         self.dtype_name = dtype
         model = loaded.model.to(device=self.device, dtype=DTYPES[dtype]).eval()
-        self.loaded = loaded
         if compile is None:
             compile = self.device.type == "cuda"
-        self.packed = PackedESM2(model, backend, compile=compile, fp32_residual=fp32_residual)
+        self.packed = PackedESM2(model, backend, compile=compile)
         self.tokenizer = Tokenizer(loaded.alphabet)
         self.fail_hook = None  # tests: called with each pack before its forward, may raise OOM
         self._ids: list[str] | None = None
@@ -100,6 +95,20 @@ class Embedder:
     @property
     def backend(self) -> str:
         return self.packed.backend
+
+    def _to_device(self, sequences: list[str], pack: Pack) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.from_numpy(self.tokenizer.pack_tokens(sequences, pack)).to(self.device)
+        return tokens, torch.from_numpy(pack.cu_seqlens).to(self.device)
+
+    def residue_states(self, sequences: list[str], pack: Pack, layer: int) -> list[torch.Tensor]:
+        """Residue states (L, dim) of every item of one pack at ``layer``, through the packed forward."""
+        tokens, cu = self._to_device(sequences, pack)
+        return residues(self.packed(tokens, cu, int(pack.lengths.max()) + 2, [layer])[layer], cu)
+
+    def unpacked_residue_states(self, sequences: list[str], pack: Pack, layer: int) -> list[torch.Tensor]:
+        """The same items through fair-esm's own forward, one at a time, no padding, fp32 rotary."""
+        singles = [self._to_device(sequences, pack.item(i))[0] for i in range(len(pack.lengths))]
+        return [h[1:-1] for h in reference_hidden(self.packed.esm2, singles, layer)]
 
     def _forward(self, pack: Pack, tokens: torch.Tensor, cu: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
         if self.fail_hook is not None:
@@ -162,7 +171,7 @@ class Embedder:
 
         tokens_done, t0, last = 0, time.perf_counter(), time.perf_counter()
         total_tokens = sum(p.tokens for p in plan.packs)
-        for pi, (pack, tokens, cu) in enumerate(self._prefetch(sequences, plan.packs)):
+        for pi, (pack, tokens, cu) in enumerate(prefetch(self.tokenizer, sequences, plan.packs, self.device)):
             self._run(pack, int(first_item[pi]), tokens, cu, outputs, sink)
             tokens_done += pack.tokens
             now = time.perf_counter()
@@ -202,43 +211,6 @@ class Embedder:
             "peak_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
         }
         return EmbedResult(pooled, per_residue, stats)
-
-    def _prefetch(self, sequences: list[str], packs: list[Pack], depth: int = 4):
-        """Yield (pack, tokens, cu_seqlens) on the device; a thread tokenises ahead into pinned memory."""
-        q: queue.Queue = queue.Queue(maxsize=depth)
-        pin = self.device.type == "cuda"
-        stop = threading.Event()
-
-        def work():
-            try:
-                for pack in packs:
-                    if stop.is_set():
-                        return
-                    t = torch.from_numpy(self.tokenizer.pack_tokens(sequences, pack))
-                    c = torch.from_numpy(pack.cu_seqlens)
-                    if pin:
-                        t, c = t.pin_memory(), c.pin_memory()
-                    q.put((pack, t, c))
-            except BaseException as exc:  # surfaced in the consumer
-                q.put(exc)
-                return
-            q.put(None)
-
-        thread = threading.Thread(target=work, daemon=True, name="pack-prefetch")
-        thread.start()
-        try:
-            while (item := q.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                pack, t, c = item
-                yield pack, t.to(self.device, non_blocking=True), c.to(self.device, non_blocking=True)
-        finally:
-            stop.set()
-            while thread.is_alive():
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    thread.join(0.05)
 
 
 def _merge_residues(parts: dict[int, torch.Tensor], item_record, item_start, item_len, n_records: int, dim: int) -> list[np.ndarray]:

@@ -127,11 +127,11 @@ class Thresholds:
     min_residue_cosine: float
 
     @classmethod
-    def for_dtype(cls, dtype: str) -> "Thresholds":
-        return DEFAULT_THRESHOLDS[dtype]
-
-    def violations(self, rows: list[SeqMetrics]) -> list[SeqMetrics]:
-        return [r for r in rows if not (r.pooled_cosine >= self.pooled_cosine and r.min_residue_cosine >= self.min_residue_cosine)]
+    def resolve(cls, dtype: str, pooled_cosine: float | None, min_residue_cosine: float | None) -> "Thresholds":
+        """The given thresholds; ``None`` takes the measured default for ``dtype``."""
+        d = DEFAULT_THRESHOLDS[dtype]
+        return cls(d.pooled_cosine if pooled_cosine is None else pooled_cosine,
+                   d.min_residue_cosine if min_residue_cosine is None else min_residue_cosine)
 
     def as_dict(self) -> dict:
         return asdict(self)

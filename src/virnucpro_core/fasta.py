@@ -20,6 +20,7 @@ Decisions (README, "Input"):
 from __future__ import annotations
 
 import gzip
+import io
 import logging
 import zlib
 from dataclasses import dataclass
@@ -28,7 +29,6 @@ from typing import Iterable, Iterator
 
 log = logging.getLogger(__name__)
 
-KNOWN_LETTERS = frozenset("ACDEFGHIKLMNPQRSTVWYXBUZO")
 GAPS = b"-."
 WHITESPACE = b" \t\r\n\v\f"
 _DELETE = GAPS + WHITESPACE
@@ -55,30 +55,60 @@ class Skipped:
     reason: str
 
 
-def _open(path: Path):
+# other formats a FASTA path may hold by mistake: leading bytes -> what they are
+MAGIC = {
+    b"BZh": "bzip2-compressed (only plain and gzip FASTA are read)",
+    b"\xfd7zXZ\x00": "xz-compressed (only plain and gzip FASTA are read)",
+    b"\x28\xb5\x2f\xfd": "zstd-compressed (only plain and gzip FASTA are read)",
+    b"PK\x03\x04": "a zip archive, not FASTA",
+    b"\x89PNG": "a PNG image, not FASTA",
+    b"%PDF": "a PDF document, not FASTA",
+    b"\xff\xfe": "UTF-16 text (save it as ASCII or UTF-8)",
+    b"\xfe\xff": "UTF-16 text (save it as ASCII or UTF-8)",
+}
+BOM = b"\xef\xbb\xbf"
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    """The file's lines as bytes, gzip or plain, whatever their line ends (LF, CRLF or CR alone),
+    without a UTF-8 byte-order mark; binary data and other formats raise FastaError."""
     with open(path, "rb") as fh:
         magic = fh.read(2)
-    if magic == b"\x1f\x8b":
-        return gzip.open(path, "rb")
-    return open(path, "rb")
+    raw = gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
+    with raw:
+        head = raw.peek(8192)[:8192] if hasattr(raw, "peek") else b""
+        for lead, what in MAGIC.items():
+            if head.startswith(lead):
+                raise FastaError(f"{path}: {what}")
+        nul = head.find(b"\x00")
+        if nul >= 0:
+            raise FastaError(f"{path}: binary data, not FASTA (NUL byte at byte {nul + 1})")
+        # latin-1 maps bytes 1:1, so decoding and encoding again gives the same bytes
+        text = io.TextIOWrapper(raw, encoding="latin-1", newline=None)
+        first = True
+        for line in text:
+            b = line.encode("latin-1")
+            if first and b.startswith(BOM):
+                b = b[len(BOM) :]
+            first = False
+            yield b
 
 
 def _raw_records(path: Path) -> Iterator[tuple[int, int, bytes | None, list[bytes]]]:
     """Yield (record number, header line number, header bytes or None, sequence lines)."""
     number, header, header_line, lines = 0, None, 0, []
     try:
-        with _open(path) as fh:
-            for line_no, line in enumerate(fh, 1):
-                if line.startswith(b">"):
-                    if header is not None or lines:
-                        yield number, header_line, header, lines
-                    number += 1
-                    header, header_line, lines = line[1:].rstrip(b"\r\n"), line_no, []
-                elif line.strip():
-                    if number == 0 and not lines:
-                        _check_not_other_format(path, line, line_no)
-                        header_line = line_no
-                    lines.append(line)
+        for line_no, line in enumerate(_lines(path), 1):
+            if line.startswith(b">"):
+                if header is not None or lines:
+                    yield number, header_line, header, lines
+                number += 1
+                header, header_line, lines = line[1:].rstrip(b"\n"), line_no, []
+            elif line.strip():
+                if number == 0 and not lines:
+                    _check_not_other_format(path, line, line_no)
+                    header_line = line_no
+                lines.append(line)
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise FastaError(f"{path}: truncated or corrupt gzip file ({exc})") from exc
     if header is not None or lines:
@@ -86,8 +116,6 @@ def _raw_records(path: Path) -> Iterator[tuple[int, int, bytes | None, list[byte
 
 
 def _check_not_other_format(path: Path, line: bytes, line_no: int) -> None:
-    if b"\x00" in line:
-        raise FastaError(f"{path}: binary data, not FASTA (NUL byte on line {line_no})")
     if line.startswith(b"LOCUS "):
         raise FastaError(f"{path}: looks like GenBank (line {line_no} starts with LOCUS), not FASTA")
     if line.startswith(b"@"):

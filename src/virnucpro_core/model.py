@@ -8,7 +8,6 @@ needs any other global is refused, so a hostile pickle never runs.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import pickle
 import re
@@ -19,24 +18,15 @@ import esm
 import torch
 from esm.model.esm2 import ESM2
 
+from .checkpoint import CheckpointError, check
+from .files import sha256
+from .options import ESM2_MODELS
+
 log = logging.getLogger(__name__)
 
-# name -> (layers, embed_dim, heads), as released by fair-esm
-ESM2_MODELS = {
-    "esm2_t6_8M_UR50D": (6, 320, 20),
-    "esm2_t12_35M_UR50D": (12, 480, 20),
-    "esm2_t30_150M_UR50D": (30, 640, 20),
-    "esm2_t33_650M_UR50D": (33, 1280, 20),
-    "esm2_t36_3B_UR50D": (36, 2560, 40),
-    "esm2_t48_15B_UR50D": (48, 5120, 40),
-}
 MODEL_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
 REGRESSION_URL = "https://dl.fbaipublicfiles.com/fair-esm/regression/{name}-contact-regression.pt"
 SAFE_GLOBALS = [argparse.Namespace]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file and what is wrong."""
 
 
 @dataclass
@@ -56,31 +46,6 @@ class LoadedModel:
         return self.model.embed_dim
 
 
-def sha256(path: str | Path, cache: bool = True) -> str:
-    """SHA-256 of a file. ``cache``: remember it in a ``.<name>.sha256`` sidecar keyed on size and
-    mtime (checkpoints are GBs, and every job records the checksum of the one it used)."""
-    path = Path(path)
-    st = path.stat()
-    key = f"{st.st_size} {st.st_mtime_ns}"
-    sidecar = path.with_name(f".{path.name}.sha256")
-    try:
-        cached_key, digest = sidecar.read_text().rsplit(" ", 1)
-        if cache and cached_key == key:
-            return digest
-    except (OSError, ValueError):
-        pass
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            h.update(chunk)
-    if cache:
-        try:
-            sidecar.write_text(f"{key} {h.hexdigest()}")
-        except OSError:
-            pass
-    return h.hexdigest()
-
-
 def safe_load(path: str | Path) -> dict:
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
@@ -92,7 +57,8 @@ def safe_load(path: str | Path) -> dict:
             f"({first}). Only fair-esm-format checkpoints are loaded, never by full unpickling."
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+        what = "an empty file (0 bytes)" if Path(path).stat().st_size == 0 else f"{type(exc).__name__}: {exc}"
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({what})") from None
 
 
 def build_esm2(layers: int, embed_dim: int, heads: int, token_dropout: bool = True) -> ESM2:
@@ -118,14 +84,13 @@ def save_checkpoint(model: ESM2, path: str | Path) -> None:
 def _model_from_data(data: object, path: Path) -> ESM2:
     if not isinstance(data, dict) or "model" not in data or "cfg" not in data:
         raise CheckpointError(f"{path}: not a fair-esm ESM-2 checkpoint (expected a dict with 'cfg' and 'model')")
-    cfg = data["cfg"]["model"] if isinstance(data["cfg"], dict) else None
-    if not isinstance(cfg, argparse.Namespace):
-        raise CheckpointError(f"{path}: 'cfg' has no ESM-2 model config")
-    try:
-        with torch.device("meta"):  # no random init: every tensor comes from the file
-            model = build_esm2(cfg.encoder_layers, cfg.encoder_embed_dim, cfg.encoder_attention_heads, cfg.token_dropout)
-    except AttributeError as exc:
-        raise CheckpointError(f"{path}: ESM-2 config lacks {exc.name!r}") from None
+    cfg = data["cfg"].get("model") if isinstance(data["cfg"], dict) else data["cfg"]
+    if not isinstance(data["model"], dict):
+        raise CheckpointError(f"{path}: 'model' is not a state dict")
+    # the config against the tensors present, before anything is allocated
+    s = check(cfg, {k: tuple(getattr(v, "shape", ())) for k, v in data["model"].items()}, path)
+    with torch.device("meta"):  # no random init: every tensor comes from the file
+        model = build_esm2(s.layers, s.embed_dim, s.heads, bool(getattr(cfg, "token_dropout", True)))
     # fair-esm's own key upgrade (esm.pretrained._load_model_and_alphabet_core_v2)
     pattern = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")
     state = {pattern.sub("", k): v for k, v in data["model"].items()}
@@ -163,7 +128,11 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
     data = safe_load(path)
     regression = path.with_name(path.stem + "-contact-regression.pt")
     if regression.is_file():
-        data["model"].update(safe_load(regression)["model"])
+        extra = safe_load(regression)
+        if not isinstance(extra, dict) or not isinstance(extra.get("model"), dict):
+            raise CheckpointError(f"{regression}: not a fair-esm contact-regression file (expected a dict with 'model')")
+        if isinstance(data, dict) and isinstance(data.get("model"), dict):
+            data["model"].update(extra["model"])
     model = _model_from_data(data, path).eval()
     return LoadedModel(model, model.alphabet, path.stem, str(path), sha256(path))
 

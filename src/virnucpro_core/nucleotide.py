@@ -13,7 +13,11 @@ Stops: ``truncate`` cuts a frame's protein at its first stop, ``split`` cuts it 
 fragments, ``keep_x`` keeps the whole frame with stops as ``X``. Proteins shorter than
 ``min_protein_length`` are dropped; a record none of whose windows gives a protein is skipped with
 that reason. A derived protein's id is ``<read_id>:<start>-<end>:<frame>``: 1-based inclusive
-coordinates on the given strand of the bases its residues come from, frame ``+1..+3``/``-1..-3``.
+coordinates on the given strand of the bases its residues come from, and the frame relative to the
+record as given: ``+k`` reads codons from base k of the record, ``-k`` from base k of its reverse
+complement, whichever window the protein was found in. Overlapping windows (``step`` below
+``window``, or the end-anchored last window) can find the same protein again: same bases, same
+frame, same residues; it is kept once, from the first window, so ids are unique within a record.
 IUPAC ambiguity codes translate as Biopython does (``X`` where the codon is ambiguous).
 """
 
@@ -25,18 +29,19 @@ from dataclasses import dataclass
 from Bio.Data import CodonTable
 from Bio.Seq import Seq
 
+from .options import NucleotideOptions
+
 NUCLEOTIDES = frozenset("ACGTUNRYSWKMBDHV")
 FRAMES = {"six": (1, 2, 3, -1, -2, -3), "forward": (1, 2, 3), "longest_orf": (1, 2, 3, -1, -2, -3)}
-STOPS = ("truncate", "split", "keep_x")
 
 
 @dataclass(frozen=True)
 class Translated:
     id: str
     parent_id: str
-    window_start: int  # 1-based, inclusive
+    window_start: int  # 1-based, inclusive: the first window the protein was found in
     window_end: int
-    frame: int
+    frame: int  # relative to the record: +1..+3, -1..-3
     start: int  # 1-based inclusive span of the bases translated
     end: int
     protein: str
@@ -71,6 +76,13 @@ def _span(win_start: int, win_len: int, frame: int, aa_start: int, aa_end: int) 
     return end - 3 * (aa_end - aa_start) + 1, end
 
 
+def record_frame(length: int, start: int, end: int, strand: int) -> int:
+    """Frame relative to a record of ``length`` bases of a translation covering bases
+    [start, end] (1-based inclusive, given strand): +k starts at base k + 3n, -k at base k + 3n
+    of the reverse complement."""
+    return (start - 1) % 3 + 1 if strand > 0 else -((length - end) % 3 + 1)
+
+
 def _pieces(protein: str, stops: str) -> list[tuple[int, int, str]]:
     """(aa_start, aa_end, residues) pieces of a translated frame by the stop policy."""
     if stops == "keep_x":
@@ -86,37 +98,30 @@ def _pieces(protein: str, stops: str) -> list[tuple[int, int, str]]:
     return out
 
 
-def translate_record(
-    rec_id: str,
-    dna: str,
-    window: int = 300,
-    step: int | None = None,
-    frames: str = "six",
-    table: int = 11,
-    stops: str = "truncate",
-    min_protein_length: int = 20,
-) -> list[Translated]:
+def translate_record(rec_id: str, dna: str, options: NucleotideOptions) -> list[Translated]:
     """Proteins derived from one nucleotide record (already upper-case, U as T)."""
-    if frames not in FRAMES:
-        raise ValueError(f"frames must be one of {list(FRAMES)}, not {frames!r}")
-    if stops not in STOPS:
-        raise ValueError(f"stops must be one of {STOPS}, not {stops!r}")
-    if table not in CodonTable.unambiguous_dna_by_id:
-        raise ValueError(f"unknown NCBI genetic code {table}")
+    o = options
+    if o.genetic_code not in CodonTable.unambiguous_dna_by_id:
+        raise ValueError(f"unknown NCBI genetic code {o.genetic_code}")
     out: list[Translated] = []
-    for ws in window_starts(len(dna), window, step or window):
-        chunk = dna[ws : ws + window]
+    seen: set[str] = set()
+    for ws in window_starts(len(dna), o.window, o.step or o.window):
+        chunk = dna[ws : ws + o.window]
         candidates = []
-        for frame in FRAMES[frames]:
-            prot = translate_frame(chunk, frame, table)
-            pieces = _pieces(prot, "split" if frames == "longest_orf" else stops)
+        for frame in FRAMES[o.frames]:
+            prot = translate_frame(chunk, frame, o.genetic_code)
+            pieces = _pieces(prot, "split" if o.frames == "longest_orf" else o.stops)
             for a, b, residues in pieces:
-                if len(residues) >= min_protein_length:
+                if len(residues) >= o.min_protein_length:
                     s, e = _span(ws, len(chunk), frame, a, b)
-                    candidates.append(Translated(f"{rec_id}:{s}-{e}:{frame:+d}", rec_id, ws + 1, ws + len(chunk), frame, s, e, residues))
-        if frames == "longest_orf" and candidates:
+                    f = record_frame(len(dna), s, e, frame)
+                    candidates.append(Translated(f"{rec_id}:{s}-{e}:{f:+d}", rec_id, ws + 1, ws + len(chunk), f, s, e, residues))
+        if o.frames == "longest_orf" and candidates:
             candidates = [max(candidates, key=lambda t: len(t.protein))]  # first longest: frame order +1..-3
-        out.extend(candidates)
+        for t in candidates:
+            if t.id not in seen:  # the same bases in the same frame: found by an earlier window
+                seen.add(t.id)
+                out.append(t)
     return out
 
 

@@ -1,4 +1,4 @@
-"""Packing plan: windows for long sequences, first-fit-decreasing packs, tokenisation.
+"""Packing plan: windows for long sequences, first-fit-decreasing packs, the plan as Parquet.
 
 A plan is data: one row per item ``(pack, record, start, length)``, where ``record`` is
 the row of the record in its shard and ``[start, start + length)`` the residues the item
@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .files import write_table
 
 MAX_RESIDUES = 1022  # ESM-2 was trained on 1024 tokens: BOS + 1022 residues + EOS
 
@@ -31,6 +33,10 @@ class Pack:
     @property
     def cu_seqlens(self) -> np.ndarray:
         return np.concatenate([[0], np.cumsum(self.lengths + 2)]).astype(np.int32)
+
+    def item(self, i: int) -> "Pack":
+        """A pack of the i-th item alone."""
+        return Pack(self.records[i : i + 1], self.starts[i : i + 1], self.lengths[i : i + 1])
 
     def split(self) -> tuple["Pack", "Pack"]:
         h = len(self.lengths) // 2
@@ -105,8 +111,8 @@ def first_fit_decreasing(sizes: np.ndarray, budget: int) -> np.ndarray:
 def build_plan(
     lengths: np.ndarray | list[int],
     budget: int,
-    policy: str = "truncate",
-    overlap: int = 256,
+    policy: str,
+    overlap: int,
     max_residues: int = MAX_RESIDUES,
 ) -> Plan:
     """Plan packs for records of the given lengths (rows of one shard)."""
@@ -160,10 +166,7 @@ def save_plan(plan: Plan, path: str | Path) -> None:
         }
     )
     meta = {"budget": plan.budget, "n_records": plan.n_records, "stats": plan.stats}
-    table = table.replace_schema_metadata({"virnucpro_plan": json.dumps(meta)})
-    from .parquet import atomic_write_table
-
-    atomic_write_table(table, path)
+    write_table(table.replace_schema_metadata({"virnucpro_plan": json.dumps(meta)}), path)
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -174,32 +177,3 @@ def load_plan(path: str | Path) -> Plan:
     bounds = np.flatnonzero(np.diff(pack)) + 1
     packs = [Pack(*(c[s:e] for c in cols)) for s, e in zip(np.r_[0, bounds], np.r_[bounds, len(pack)]) if e > s]
     return Plan(meta["budget"], packs, meta["n_records"], meta["stats"])
-
-
-class Tokenizer:
-    """fair-esm's ESM-1b/ESM-2 tokens through a 256-entry lookup table over bytes.
-
-    Same ids as ``Alphabet.from_architecture("ESM-1b")`` with BOS and EOS; letters the
-    alphabet does not know (``J``) become ``<unk>`` instead of fair-esm's KeyError.
-    """
-
-    def __init__(self, alphabet) -> None:
-        self.bos, self.eos, self.pad = alphabet.cls_idx, alphabet.eos_idx, alphabet.padding_idx
-        self.lut = np.full(256, alphabet.unk_idx, dtype=np.int64)
-        for tok, idx in alphabet.tok_to_idx.items():
-            if len(tok) == 1:
-                self.lut[ord(tok)] = idx
-
-    def pack_tokens(self, sequences: list[str], pack: Pack) -> np.ndarray:
-        """1-D tokens of a pack: BOS residues EOS per item, items back to back."""
-        body = "".join(sequences[r][s : s + n] for r, s, n in zip(pack.records.tolist(), pack.starts.tolist(), pack.lengths.tolist()))
-        codes = self.lut[np.frombuffer(body.encode("ascii"), dtype=np.uint8)]
-        cu = pack.cu_seqlens
-        out = np.empty(cu[-1], dtype=np.int64)
-        is_special = np.zeros(cu[-1], dtype=bool)
-        is_special[cu[:-1]] = True
-        is_special[cu[1:] - 1] = True
-        out[cu[:-1]] = self.bos
-        out[cu[1:] - 1] = self.eos
-        out[~is_special] = codes
-        return out

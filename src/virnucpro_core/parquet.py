@@ -1,34 +1,13 @@
-"""Parquet I/O: embeddings tables with provenance metadata, written atomically."""
+"""Embeddings tables: fixed-size list columns, provenance in the schema metadata."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-
-def atomic_write_table(table: pa.Table, path: str | Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A killed job never leaves a partial file under the final name.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def fixed_size_list(array: np.ndarray) -> pa.FixedSizeListArray:

@@ -1,7 +1,8 @@
 """Figures and tables for the run report (``snakemake --report report.html``).
 
-Reads what a finished run left in ``outdir`` (shards, plans, shard embeddings, spot checks,
-benchmarks, the merged Parquet) and writes static PNG figures and TSV tables.
+Reads what a finished run left in ``outdir`` (plans, shard embeddings, spot checks, benchmarks,
+the merged Parquet; where each lives: :class:`.layout.Layout`) and writes PNG figures and HTML
+tables. Imports no torch.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from . import __version__  # noqa: E402
+from .files import read_tsv  # noqa: E402
+from .layout import Layout  # noqa: E402
 from .parquet import column_array, read_metadata  # noqa: E402
-from .stages import read_tsv  # noqa: E402
 
 plt.rcParams.update({"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "font.size": 9})
 
 
-def _write_table(path: Path, rows: list[dict], title: str) -> None:
+def _write_table(path: str, rows: list[dict], title: str) -> None:
     """A small self-contained HTML table (the report shows HTML inline)."""
     from html import escape
 
@@ -34,15 +36,14 @@ def _write_table(path: Path, rows: list[dict], title: str) -> None:
     style = ("body{font-family:sans-serif;font-size:13px;margin:12px} table{border-collapse:collapse} "
              "th,td{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top;max-width:900px;"
              "overflow-wrap:anywhere} th{background:#eee}")
-    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title><style>{style}</style></head>"
+    Path(path).write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title><style>{style}</style></head>"
                     f"<body><h3>{escape(title)}</h3><table><tr>{head}</tr>{body}</table></body></html>\n")
 
 
-def input_figure(outdir: Path, dest: Path) -> None:
-    summary = json.loads((outdir / "summary.json").read_text())
-    table = pq.read_table(outdir / "embeddings.parquet", columns=["length"])
-    lengths = table["length"].to_numpy()
-    skipped = read_tsv(outdir / "skipped.tsv")
+def input_figure(run: Layout, dest: str) -> None:
+    summary = json.loads(Path(run.summary).read_text())
+    lengths = pq.read_table(run.embeddings, columns=["length"])["length"].to_numpy()
+    skipped = read_tsv(run.skipped)
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
     files = list(summary["per_file"])
     names = [Path(f).name for f in files]
@@ -80,18 +81,18 @@ def input_figure(outdir: Path, dest: Path) -> None:
     plt.close(fig)
 
 
-def packing_figure(outdir: Path, dest: Path) -> list[dict]:
+def packing_figure(run: Layout, dest: str) -> list[dict]:
     rows = []
     fig, ax = plt.subplots(1, 2, figsize=(12, 3.6))
-    plans = sorted((outdir / "plans").glob("shard_*.parquet"))
-    for plan_path in plans:
-        stats = json.loads((plan_path.with_suffix(".json")).read_text())
-        t = pq.read_table(plan_path)
+    plans = run.shard_names("plans")
+    for name in plans:
+        stats = json.loads(Path(run.plan_stats(name)).read_text())
+        t = pq.read_table(run.plan(name))
         pack = t["pack"].to_numpy()
         tokens = np.bincount(pack, weights=t["length"].to_numpy() + 2)
         i = len(rows)
         ax[0].scatter(i + np.random.default_rng(i).uniform(-0.2, 0.2, len(tokens)), tokens, s=10)
-        rows.append({"shard": plan_path.stem, "records": stats["records"], "packs": stats["packs"],
+        rows.append({"shard": name, "records": stats["records"], "packs": stats["packs"],
                      "budget_tokens": stats["budget"], "tokens": stats["tokens"],
                      "efficiency": f"{stats['efficiency']:.4f}", "split_records": stats["split_records"]})
     if plans:
@@ -112,13 +113,13 @@ def packing_figure(outdir: Path, dest: Path) -> list[dict]:
     return rows
 
 
-def embedding_figure(outdir: Path, dest: Path) -> list[dict]:
+def embedding_figure(layout: Layout, dest: str) -> list[dict]:
     rows = []
-    for p in sorted((outdir / "embeddings").glob("shard_*.parquet")):
-        run = read_metadata(p).get("run", {})
-        bench = outdir / "benchmarks/embed_shard" / f"{p.stem}.tsv"
+    for name in layout.shard_names("embeddings"):
+        run = read_metadata(layout.shard_embeddings(name)).get("run", {})
+        bench = Path(layout.benchmark("embed_shard", name))
         wall = float(read_tsv(bench)[0]["s"]) if bench.exists() else float("nan")
-        rows.append({"shard": p.stem, "device": run.get("device"), "records": run.get("records"), "tokens": run.get("tokens"),
+        rows.append({"shard": name, "device": run.get("device"), "records": run.get("records"), "tokens": run.get("tokens"),
                      "job_wall_s": round(wall, 2), "engine_s": round(run.get("seconds", float("nan")), 2),
                      "tokens_per_s": round(run.get("tokens_per_s", 0.0)),
                      "peak_gpu_gib": "-" if run.get("peak_gib") is None else round(run["peak_gib"], 2),
@@ -144,8 +145,8 @@ def embedding_figure(outdir: Path, dest: Path) -> list[dict]:
     return rows
 
 
-def equivalence_figure(outdir: Path, dest: Path) -> list[dict]:
-    rows = read_tsv(outdir / "spot_check.tsv")
+def equivalence_figure(run: Layout, dest: str) -> list[dict]:
+    rows = read_tsv(run.spot_checks)
     fig, ax = plt.subplots(1, 2, figsize=(12, 3.6))
     if rows:
         length = np.array([int(r["length"]) for r in rows])
@@ -173,8 +174,16 @@ def equivalence_figure(outdir: Path, dest: Path) -> list[dict]:
     return [{k: r[k] for k in ("id", "length", "pooled_cosine", "min_residue_cosine", "rel_l2", "status")} for r in worst]
 
 
-def projection_figure(outdir: Path, dest: Path, sample: int = 5000, seed: int = 0) -> None:
-    t = pq.read_table(outdir / "embeddings.parquet", columns=["id", "length", "embedding"])
+def projection_figure(run: Layout, dest: str, sample: int = 5000, seed: int = 0) -> None:
+    t = pq.read_table(run.embeddings, columns=["id", "length", "embedding"])
+    if t.num_rows < 3:
+        fig, ax = plt.subplots(figsize=(6.5, 5))
+        ax.text(0.5, 0.5, f"{t.num_rows} embedded record(s): too few for a projection", ha="center", va="center",
+                transform=ax.transAxes, fontsize=12)
+        ax.set_axis_off()
+        fig.savefig(dest)
+        plt.close(fig)
+        return
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(t.num_rows, min(sample, t.num_rows), replace=False))
     x = column_array(t, "embedding")[idx].astype(np.float64)
@@ -195,10 +204,9 @@ def projection_figure(outdir: Path, dest: Path, sample: int = 5000, seed: int = 
     plt.close(fig)
 
 
-def provenance_rows(outdir: Path, config: dict | None = None) -> list[dict]:
-    meta = read_metadata(outdir / "embeddings.parquet")
+def provenance_rows(run: Layout, config: dict | None = None) -> list[dict]:
+    meta = read_metadata(run.embeddings)
     import pyarrow
-    import torch
 
     rows = [
         ("model", meta.get("model")),
@@ -209,11 +217,11 @@ def provenance_rows(outdir: Path, config: dict | None = None) -> list[dict]:
         ("columns", ", ".join(f"{c['name']} (layer {c['layer']}, {c['pooling']})" for c in meta.get("columns", []))),
         ("compute dtype", meta.get("compute_dtype")),
         ("output dtype", meta.get("output_dtype")),
-        ("attention backend", ", ".join(sorted({str(read_metadata(p).get("run", {}).get("attention_backend"))
-                                                for p in (outdir / "embeddings").glob("shard_*.parquet")}))),
+        ("attention backend", ", ".join(sorted({str(read_metadata(run.shard_embeddings(n)).get("run", {}).get("attention_backend"))
+                                                for n in run.shard_names("embeddings")}))),
         ("inputs", "; ".join(f"{i['file']} (sha256 {i['sha256'][:16]}...)" for i in meta.get("inputs", []))),
         ("virnucpro_core", __version__),
-        ("torch", torch.__version__),
+        ("torch", meta.get("torch")),
         ("pyarrow", pyarrow.__version__),
         ("python", platform.python_version()),
     ]
@@ -222,13 +230,13 @@ def provenance_rows(outdir: Path, config: dict | None = None) -> list[dict]:
     return [{"item": k, "value": v} for k, v in rows]
 
 
-def write_report_files(outdir: str | Path, figdir: str | Path, config: dict | None = None) -> None:
-    outdir, figdir = Path(outdir), Path(figdir)
-    figdir.mkdir(parents=True, exist_ok=True)
-    input_figure(outdir, figdir / "input.png")
-    _write_table(figdir / "packing.html", packing_figure(outdir, figdir / "packing.png"), "Packing per shard")
-    _write_table(figdir / "embedding.html", embedding_figure(outdir, figdir / "embedding.png"), "Embedding per shard")
-    _write_table(figdir / "spot_check_worst.html", equivalence_figure(outdir, figdir / "equivalence.png"),
+def write_report_files(outdir: str | Path, config: dict | None = None) -> None:
+    run = Layout(str(outdir))
+    Path(run.figure("")).mkdir(parents=True, exist_ok=True)
+    input_figure(run, run.figure("input.png"))
+    _write_table(run.figure("packing.html"), packing_figure(run, run.figure("packing.png")), "Packing per shard")
+    _write_table(run.figure("embedding.html"), embedding_figure(run, run.figure("embedding.png")), "Embedding per shard")
+    _write_table(run.figure("spot_check_worst.html"), equivalence_figure(run, run.figure("equivalence.png")),
                  "Spot-check: the 20 sequences with the lowest pooled cosine")
-    projection_figure(outdir, figdir / "projection.png")
-    _write_table(figdir / "provenance.html", provenance_rows(outdir, config), "Provenance")
+    projection_figure(run, run.figure("projection.png"))
+    _write_table(run.figure("provenance.html"), provenance_rows(run, config), "Provenance")

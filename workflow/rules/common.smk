@@ -1,39 +1,27 @@
 import glob
-import json
 import os
+import sys
 
-import yaml
 from snakemake.utils import validate
 
+# the options and the folder layout come from the core package (both import nothing heavy)
+sys.path.insert(0, os.path.join(workflow.basedir, "src"))
+from virnucpro_core import claim
+from virnucpro_core.checkpoint import inspect as checkpoint_shape
+from virnucpro_core.layout import SHARD_PATTERN, Layout
+from virnucpro_core.options import ESM2_MODELS, PATH_KEYS, Options, check_for_model
 
-def typed(value):
-    """--config parses nested values as strings ({sample: 8} gives '8'): type them as YAML."""
-    if isinstance(value, dict):
-        return {k: typed(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [typed(v) for v in value]
-    return yaml.safe_load(value) if isinstance(value, str) and value else value
-
-
-for key in ("nucleotide", "long_sequences", "packing", "embedding", "spot_check"):
-    if key in config:
-        config[key] = typed(config[key])
-
+# types --config values by the options' declarations (nested ones arrive as strings),
+# fills in the defaults, and names any unknown key or bad value
+config.update(Options.from_dict(config, ignore=tuple(PATH_KEYS)).to_dict())
 validate(config, "../schemas/config.schema.yaml")
-
-OUT = config["outdir"]
-ESM2_NAMES = {
-    "esm2_t6_8M_UR50D",
-    "esm2_t12_35M_UR50D",
-    "esm2_t30_150M_UR50D",
-    "esm2_t33_650M_UR50D",
-    "esm2_t36_3B_UR50D",
-    "esm2_t48_15B_UR50D",
-}
+OPTIONS = Options.from_dict(config, ignore=tuple(PATH_KEYS))
+L = Layout(OPTIONS.outdir)
+STAGE = "../scripts/stage.py"
 
 
 wildcard_constraints:
-    shard=r"shard_\d{4}",
+    shard=SHARD_PATTERN,
 
 
 def input_fastas():
@@ -56,47 +44,42 @@ def input_fastas():
 def model_file(wildcards=None):
     """A named model comes from fetch_model; a checkpoint path is used as is."""
     model = config["model"]
-    if model in ESM2_NAMES:
-        return f"{config['model_dir']}/{model}.pt"
+    if model in ESM2_MODELS:
+        return os.path.join(OPTIONS.model_dir, f"{model}.pt")
     if not os.path.isfile(model):
         raise ValueError(
             f"config 'model': {model!r} is neither a fair-esm ESM-2 name "
-            f"({', '.join(sorted(ESM2_NAMES))}) nor an existing checkpoint file"
+            f"({', '.join(ESM2_MODELS)}) nor an existing checkpoint file"
         )
     return model
 
 
+def claim_outdir():
+    """One run per outdir (virnucpro_core.claim); jobs, also those run elsewhere, inherit the run id."""
+    if claim.ENV not in os.environ:
+        os.environ[claim.ENV] = claim.claim(OPTIONS.outdir)
+
+
+def model_layers():
+    """Layers of the configured model: from fair-esm's table, or the checkpoint's own index."""
+    model = config["model"]
+    if model in ESM2_MODELS:
+        return ESM2_MODELS[model][0]
+    return checkpoint_shape(model_file()).layers
+
+
+# options that depend on the model fail here, before any job
+check_for_model(OPTIONS, model_layers())
+
+
 def shard_names():
-    shard_dir = checkpoints.shard_fasta.get().output.shards
-    return sorted(glob_wildcards(os.path.join(shard_dir, "{shard}.parquet")).shard)
+    checkpoints.shard_fasta.get()
+    return L.shard_names("shards")
 
 
 def shard_embeddings(wildcards):
-    return expand(f"{OUT}/embeddings/{{shard}}.parquet", shard=shard_names())
+    return [L.shard_embeddings(name) for name in shard_names()]
 
 
 def shard_spot_checks(wildcards):
-    return expand(f"{OUT}/spot_check/{{shard}}.tsv", shard=shard_names())
-
-
-def shard_count_arg():
-    if config["residues_per_shard"]:
-        return f"--residues-per-shard {config['residues_per_shard']}"
-    return f"--shards {config['shards']}"
-
-
-def translate_args():
-    """Options of the nucleotide front end, for nucleotide input."""
-    if config["input_type"] != "nucleotide":
-        return ""
-    nt = config["nucleotide"]
-    step = f" --step {nt['step']}" if nt["step"] else ""
-    return (
-        f"--input-type nucleotide --window {nt['window']}{step} --frames {nt['frames']} "
-        f"--genetic-code {nt['genetic_code']} --stops {nt['stops']} "
-        f"--min-protein-length {nt['min_protein_length']}"
-    )
-
-
-def csv(values):
-    return ",".join(str(v) for v in values)
+    return [L.spot_check(name) for name in shard_names()]

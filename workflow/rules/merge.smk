@@ -1,26 +1,22 @@
 rule merge:
     """All shards into one Parquet in input order, with skipped.tsv and accounting."""
     input:
-        shards=f"{OUT}/shards",
+        shards=L.shards,
         embeddings=shard_embeddings,
         spot_checks=shard_spot_checks,
     output:
-        embeddings=f"{OUT}/embeddings.parquet",
-        skipped=f"{OUT}/skipped.tsv",
-        spot_check=f"{OUT}/spot_check.tsv",
-        summary=f"{OUT}/summary.json",
+        embeddings=L.embeddings,
+        skipped=L.skipped,
+        spot_check=L.spot_checks,
+        summary=L.summary,
     log:
-        f"{OUT}/logs/merge.log",
+        L.log("merge"),
     benchmark:
-        f"{OUT}/benchmarks/merge.tsv"
+        L.benchmark("merge")
     conda:
         "../../envs/virnucpro.yaml"
     resources:
         mem_mb=16000,
         runtime=60,
-    params:
-        outdir=lambda wildcards, output: os.path.dirname(output.embeddings) or ".",
-    shell:
-        "python -m virnucpro_core merge --manifest {input.shards}/manifest.json "
-        "--skipped {input.shards}/skipped.tsv --embeddings {input.embeddings} "
-        "--spot-checks {input.spot_checks} --outdir {params.outdir} > {log} 2>&1"
+    script:
+        STAGE

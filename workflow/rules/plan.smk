@@ -1,24 +1,18 @@
 rule packing_plan:
     """First-fit-decreasing packs of one shard, with padding-free efficiency."""
     input:
-        f"{OUT}/shards/{{shard}}.parquet",
+        shard=L.shard("{shard}"),
     output:
-        plan=f"{OUT}/plans/{{shard}}.parquet",
-        stats=f"{OUT}/plans/{{shard}}.json",
+        plan=L.plan("{shard}"),
+        stats=L.plan_stats("{shard}"),
     log:
-        f"{OUT}/logs/packing_plan/{{shard}}.log",
+        L.log("packing_plan", "{shard}"),
     benchmark:
-        f"{OUT}/benchmarks/packing_plan/{{shard}}.tsv"
+        L.benchmark("packing_plan", "{shard}")
     conda:
         "../../envs/virnucpro.yaml"
     resources:
         mem_mb=4000,
         runtime=30,
-    params:
-        budget=config["packing"]["token_budget"],
-        policy=config["long_sequences"]["policy"],
-        overlap=config["long_sequences"]["overlap"],
-    shell:
-        "python -m virnucpro_core plan {input} --out {output.plan} --stats {output.stats} "
-        "--budget {params.budget} --long-policy {params.policy} --overlap {params.overlap} "
-        "> {log} 2>&1"
+    script:
+        STAGE

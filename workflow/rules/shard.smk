@@ -3,20 +3,15 @@ checkpoint shard_fasta:
     input:
         input_fastas(),
     output:
-        shards=directory(f"{OUT}/shards"),
+        shards=directory(L.shards),
     log:
-        f"{OUT}/logs/shard_fasta.log",
+        L.log("shard_fasta"),
     benchmark:
-        f"{OUT}/benchmarks/shard_fasta.tsv"
+        L.benchmark("shard_fasta")
     conda:
         "../../envs/virnucpro.yaml"
     resources:
         mem_mb=8000,
         runtime=120,
-    params:
-        shards=shard_count_arg(),
-        on_invalid=config["on_invalid"],
-        translate=translate_args(),
-    shell:
-        "python -m virnucpro_core shard {input:q} --outdir {output.shards} "
-        "{params.shards} --on-invalid {params.on_invalid} {params.translate} > {log} 2>&1"
+    script:
+        STAGE

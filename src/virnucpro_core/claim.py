@@ -1,0 +1,68 @@
+"""One run per outdir: a run claims its outdir when it starts, and every job checks the claim.
+
+The Snakemake process that starts a run (``onstart``) takes an exclusive ``flock`` on
+``<outdir>/.virnucpro-run.lock`` and holds it until it exits, and writes who it is to
+``<outdir>/.virnucpro-run.json``. A second run on the same outdir, from this checkout or any
+other, finds the lock taken and stops before any job, naming the run that holds it. The kernel
+drops the lock when a run dies (a kill, a lost session), so a stale claim is recognised and taken
+over. Each job gets the run's id in ``VIRNUCPRO_RUN`` and stops if the outdir is claimed by
+another run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+
+from .files import write_json
+
+ENV = "VIRNUCPRO_RUN"
+LOCK = ".virnucpro-run.lock"
+CLAIM = ".virnucpro-run.json"
+_held: dict[str, object] = {}  # outdir -> the open lock file: kept open for the life of the process
+
+
+def _describe(info: dict) -> str:
+    if not info:
+        return "a run that has not said who it is yet"
+    return f"run {info.get('run_id')}, pid {info.get('pid')} on {info.get('host')}, started {info.get('started')} in {info.get('cwd')}"
+
+
+def read(outdir: str | Path) -> dict:
+    try:
+        return json.loads((Path(outdir) / CLAIM).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def claim(outdir: str | Path) -> str:
+    """Claim ``outdir`` for this process until it exits; return the new run id. Raises
+    RuntimeError naming the live run that holds it."""
+    d = Path(outdir)
+    d.mkdir(parents=True, exist_ok=True)
+    fh = open(d / LOCK, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise RuntimeError(f"outdir {d} is in use by another run ({_describe(read(d))}); wait for it to end, "
+                           "or give this run another outdir") from None
+    run_id = uuid.uuid4().hex[:12]  # a dead run's claim is simply replaced
+    info = {"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname(), "cwd": os.getcwd(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_json(d / CLAIM, info)
+    _held[str(d)] = fh
+    return run_id
+
+
+def check(outdir: str | Path, run_id: str) -> None:
+    """In a job of run ``run_id``: stop if the outdir has been claimed by another run since."""
+    info = read(outdir)
+    if info.get("run_id") != run_id:
+        raise RuntimeError(f"outdir {outdir} is claimed by another run ({_describe(info)}); this job of run {run_id} stops "
+                           "so the two runs do not mix their outputs")

@@ -1,0 +1,103 @@
+"""Stage 4: re-embed a length-stratified sample of a shard unpacked and compare with the packed result.
+
+Per sampled record: cosine of the stored pooled embedding against fair-esm's own forward (one
+sequence at a time, no padding, fp32 rotary), and, re-packing the sample into one pack, the
+minimum per-residue cosine and relative L2 of every window.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from ..devices import acquire_device
+from ..embed import Embedder
+from ..equivalence import Thresholds, compare, cosine, downstream
+from ..files import write_json, write_tsv
+from ..model import load_model
+from ..options import Options
+from ..packing import Pack, windows
+from ..parquet import column_array, read_metadata
+from .embed import compute_dtype
+from .shard import sequence_lengths
+
+log = logging.getLogger(__name__)
+
+HEADER = ["id", "length", "pooled_cosine", "repacked_pooled_cosine", "min_residue_cosine", "rel_l2",
+          "pooled_threshold", "residue_threshold", "status"]
+
+
+def sample_by_length(lengths: np.ndarray, n: int, n_longest: int = 3) -> np.ndarray:
+    """Deterministic length-stratified sample of row indices: the longest records, then
+    records at evenly spaced length quantiles."""
+    order = np.argsort(-lengths, kind="stable")
+    if n >= len(order):
+        return np.sort(order)
+    take = list(order[:n_longest])
+    rest = order[n_longest:]
+    k = n - len(take)
+    if k > 0 and len(rest):
+        take += list(rest[np.linspace(0, len(rest) - 1, k).round().astype(int)])
+    return np.sort(np.unique(take))
+
+
+def run(shard: str | Path, embeddings: str | Path, model: str, out: str | Path, options: Options) -> dict:
+    """Write the per-record table to ``out`` (TSV) and a summary next to it (``.json``); raise
+    (``on_fail: error``) or warn when a record is below the thresholds."""
+    opts, long = options.spot_check, options.long_sequences
+    shard_t = pq.read_table(shard)
+    emb_t = pq.read_table(embeddings, columns=["id", "embedding"])
+    ids = shard_t["id"].to_pylist()
+    if ids != emb_t["id"].to_pylist():
+        raise ValueError(f"{embeddings} does not hold the records of {shard} in order")
+    seqs = shard_t["sequence"].to_pylist()
+    rows = sample_by_length(sequence_lengths(shard_t), opts.sample).tolist()
+    if not rows:  # an empty shard (fewer records than shards)
+        write_tsv(out, HEADER, [])
+        write_json(Path(out).with_suffix(".json"), {"checked": 0, "failed": 0})
+        return {"checked": 0, "failed": 0}
+    stored = column_array(emb_t, "embedding")
+    loaded = load_model(model, options.model_dir)
+    with acquire_device(options.embedding.lock_dir, options.embedding.device) as dev:
+        dtype = compute_dtype(dev, options.embedding.dtype)
+        th = Thresholds.resolve(dtype, opts.pooled_cosine, opts.min_residue_cosine)
+        embedder = Embedder(loaded, dev, dtype, options.embedding.attention, compile=False)  # one pack: not worth compiling
+        # the sample's windows, as the plan cut them, in one pack
+        items = [(r, s, n) for r in rows for s, n in windows(len(seqs[r]), long.policy, long.overlap)]
+        pack = Pack(*(np.array(c, dtype=np.int64) for c in zip(*items)))
+        packed = embedder.residue_states(seqs, pack, loaded.num_layers)
+        ref = embedder.unpacked_residue_states(seqs, pack, loaded.num_layers)
+    metrics = compare([ids[r] for r, _, _ in items], packed, ref)
+    out_rows, ref_pooled = [], []
+    for r in rows:
+        mine = [i for i, (rr, _, _) in enumerate(items) if rr == r]
+        # pooled per record: windows weighted by residues, as the embed stage combines them
+        weights = [items[i][2] for i in mine]
+        ref_vec = (sum(ref[i].double().mean(0) * n for i, n in zip(mine, weights)) / sum(weights)).float().cpu()
+        ref_pooled.append(ref_vec.numpy())
+        stored_cos = float(cosine(torch.from_numpy(stored[r]), ref_vec))
+        repacked = min(metrics[i].pooled_cosine for i in mine)
+        min_res = min(metrics[i].min_residue_cosine for i in mine)
+        ok = min(stored_cos, repacked) >= th.pooled_cosine and min_res >= th.min_residue_cosine
+        out_rows.append([ids[r], len(seqs[r]), f"{stored_cos:.10f}", f"{repacked:.10f}", f"{min_res:.10f}",
+                         f"{max(metrics[i].rel_l2 for i in mine):.3e}", th.pooled_cosine, th.min_residue_cosine,
+                         "pass" if ok else "FAIL"])
+    down = downstream(stored[rows].astype(np.float64), np.stack(ref_pooled))
+    write_tsv(out, HEADER, out_rows)
+    failed = [r for r in out_rows if r[-1] != "pass"]
+    summary = {"checked": len(out_rows), "failed": len(failed), "dtype": dtype, "thresholds": th.as_dict(),
+               "packed_dtype": read_metadata(embeddings).get("compute_dtype"), **down}
+    write_json(Path(out).with_suffix(".json"), summary)
+    if failed:
+        msg = f"spot-check of {shard}: {len(failed)} of {len(out_rows)} sequences below threshold " + ", ".join(
+            f"{r[0]} (length {r[1]}, pooled {r[2]}, min residue {r[4]})" for r in failed[:10])
+        if opts.on_fail == "error":
+            raise RuntimeError(msg)
+        log.warning(msg)
+    log.info("spot-check: %s", json.dumps(summary))
+    return summary
