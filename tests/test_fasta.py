@@ -5,7 +5,7 @@ import gzip
 import numpy as np
 import pytest
 
-from virnucpro_core.fasta import FastaError, Record, Skipped, balance_shards, read_fasta
+from virnucpro_core.fasta import FastaError, Record, Skipped, read_fasta
 
 
 def write(tmp_path, name, data: bytes | str):
@@ -99,17 +99,25 @@ def test_nucleotide_file_warns(tmp_path, caplog):
     assert "looks like a nucleotide file" in caplog.text
 
 
-def test_shards_are_contiguous_balanced_and_deterministic():
+def test_shards_stream_contiguous_balanced_and_deterministic(tmp_path):
+    import pyarrow.parquet as pq
+
+    from virnucpro_core.options import Options
+    from virnucpro_core.stages import shard
+
     rng = np.random.default_rng(0)
     lengths = rng.integers(30, 1500, 1000).tolist()
-    spec = balance_shards(lengths, 7)
-    assert spec.starts[0] == 0 and spec.starts[-1] == 1000 and spec.starts == sorted(spec.starts)
-    sums = [sum(lengths[a:b]) for a, b in zip(spec.starts[:-1], spec.starts[1:])]
+    p = write(tmp_path, "in.faa", "".join(f">r{i}\n{'M' * n}\n" for i, n in enumerate(lengths)))
+    man = shard.run([str(p)], tmp_path / "a", Options(shards=7))
+    assert man["shards"] == 7 and sum(man["shard_records"]) == 1000
+    tables = [pq.read_table(tmp_path / f"a/shard_{i:04d}.parquet") for i in range(7)]
+    assert [t.num_rows for t in tables] == man["shard_records"]
+    assert [x for t in tables for x in t["order"].to_pylist()] == list(range(1000))  # contiguous, input order
+    sums = [sum(len(s) for s in t["sequence"].to_pylist()) for t in tables]
     assert max(sums) - min(sums) <= 2 * max(lengths)
-    assert balance_shards(lengths, 7) == spec
+    again = shard.run([str(p)], tmp_path / "b", Options(shards=7))
+    assert again["shard_records"] == man["shard_records"]
+    by_size = shard.run([str(p)], tmp_path / "c", Options(residues_per_shard=100_000))  # no first pass
+    assert by_size["shards"] == -(-sum(lengths) // 100_000) and sum(by_size["shard_records"]) == 1000
 
 
-def test_more_shards_than_records():
-    spec = balance_shards([10, 20], 4)
-    assert spec.n_shards == 4
-    assert sum(b - a for a, b in zip(spec.starts[:-1], spec.starts[1:])) == 2

@@ -142,14 +142,22 @@ def test_a_full_disk_leaves_no_temporary_file_and_one_line(tmp_path, monkeypatch
     p = tmp_path / "in.faa"
     p.write_text(">a\nMKV\n")
 
-    def full(table, where, **kw):
-        Path(where).write_bytes(b"PAR1 partial")
-        raise OSError(errno.ENOSPC, "No space left on device", str(where))
+    def full(*args, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(files.pq, "write_table", full)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", full)  # the shard stage's writer
     assert main(["shard", str(p), "--out", str(tmp_path / "shards")]) == 1
     err = capsys.readouterr().err
     assert "error: [Errno 28] No space left on device" in err and "Traceback" not in err
+    assert not list((tmp_path / "shards").glob(".*tmp")) and not list((tmp_path / "shards").glob("*.parquet"))
+
+    def full_json(*args, **kw):
+        Path(args[0]).write_text("{partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.undo()
+    monkeypatch.setattr(Path, "write_text", full_json)  # then the manifest, the last file the stage writes
+    assert main(["shard", str(p), "--out", str(tmp_path / "shards")]) == 1
     assert not list((tmp_path / "shards").glob(".*tmp"))
 
 
@@ -246,5 +254,5 @@ def test_a_changed_input_is_caught_by_the_merge(tmp_path):
     p.write_text(example_records(5).replace("M", "W", 1))  # same size, mtime put back
     os.utime(p, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     with pytest.raises(RuntimeError, match="is not the file that was sharded"):
-        merge.run(tmp_path / "shards/manifest.json", tmp_path / "shards/skipped.tsv", [str(tmp_path / "emb.parquet")], [], tmp_path)
+        merge.run(tmp_path / "shards/manifest.json", tmp_path / "shards/skipped.tsv", [str(tmp_path / "emb.parquet")], [], tmp_path, opts)
     assert not (tmp_path / "embeddings.parquet").exists()

@@ -19,6 +19,7 @@ STAGE_ARGS = {
     "plan": ["plan", "s.parquet", "--out", "p.parquet"],
     "embed": ["embed", "s.parquet", "--plan", "p", "--model", "m.pt", "--out", "e"],
     "spot-check": ["spot-check", "s.parquet", "--embeddings", "e", "--model", "m.pt", "--out", "t.tsv"],
+    "merge": ["merge", "--shard-dir", "s", "--embeddings", "e.parquet", "--out", "o"],
 }
 
 

@@ -208,7 +208,7 @@ def run_stages(tmp_path, n_shards, budget, name):
         plan.run(s, d / f"plan{i}.parquet", None, opts)
         embed.run(s, d / f"plan{i}.parquet", str(MODEL), d / f"emb{i}.parquet", opts)
         embs.append(str(d / f"emb{i}.parquet"))
-    return merge.run(d / "shards/manifest.json", d / "shards/skipped.tsv", embs, spots, d), d
+    return merge.run(d / "shards/manifest.json", d / "shards/skipped.tsv", embs, spots, d, opts), d
 
 
 def test_shard_and_pack_counts_do_not_change_embeddings(tmp_path):
@@ -226,10 +226,12 @@ def test_merge_fails_loudly_on_a_missing_or_duplicated_record(tmp_path):
     emb = d / "emb1.parquet"
     t = pq.read_table(emb)
     pq.write_table(t.slice(0, t.num_rows - 1), emb)
-    with pytest.raises(RuntimeError, match="299 embedded records, 300 kept by the shard step; .*299 embedded"):
-        merge.run(d / "shards/manifest.json", d / "shards/skipped.tsv", [str(d / "emb0.parquet"), str(emb)], [], d)
-    with pytest.raises(RuntimeError, match="duplicated ids"):
-        merge.run(d / "shards/manifest.json", d / "shards/skipped.tsv", [str(d / "emb0.parquet")] * 2, [], d)
+    with pytest.raises(RuntimeError, match="299 embedded rows, 300 kept by the shard step; .*299 embedded"):
+        merge.run(d / "shards/manifest.json", d / "shards/skipped.tsv", [str(d / "emb0.parquet"), str(emb)], [], d, Options())
+    with pytest.raises(RuntimeError, match="missing, duplicated or out of input order"):
+        merge.run(d / "shards/manifest.json", d / "shards/skipped.tsv", [str(d / "emb0.parquet")] * 2, [], d, Options())
+    assert not (d / "embeddings.parquet").exists() or pq.read_table(d / "embeddings.parquet").num_rows == 300
+    assert not list(d.glob(".embeddings.parquet.*"))  # no temporary output left
 
 
 def test_fewer_records_than_shards(tmp_path):
@@ -246,7 +248,7 @@ def test_fewer_records_than_shards(tmp_path):
         spot_check.run(s, d / f"emb{i}.parquet", str(MODEL), d / f"spot{i}.tsv", opts)
         embs.append(str(d / f"emb{i}.parquet"))
         spots.append(str(d / f"spot{i}.tsv"))
-    summary = merge.run(d / "shards/manifest.json", d / "shards/skipped.tsv", embs, spots, d)
+    summary = merge.run(d / "shards/manifest.json", d / "shards/skipped.tsv", embs, spots, d, opts)
     assert summary["embedded"] == 2 and summary["spot_checked"] == 2
     assert pq.read_table(d / "embeddings.parquet")["id"].to_pylist() == ["a", "b"]
 
@@ -256,3 +258,29 @@ def test_spot_check_uses_the_configured_attention_backend(tmp_path):
     opts = cpu_options(d, **{"embedding.attention": "torch_varlen"})
     with pytest.raises(ValueError, match="'torch_varlen' is not available for cpu"):
         spot_check.run(d / "shards/shard_0000.parquet", d / "emb0.parquet", str(MODEL), d / "spot.tsv", opts)
+
+
+def test_dataset_output_reads_as_one_table_in_input_order(tmp_path):
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    _, d = run_stages(tmp_path, 3, 65536, "file")
+    one = pq.read_table(d / "embeddings.parquet")
+    opts = cpu_options(d, **{"merge.output": "dataset"})
+    summary = merge.run(d / "shards/manifest.json", d / "shards/skipped.tsv", [str(d / f"emb{i}.parquet") for i in range(3)], [],
+                        tmp_path / "ds", opts)
+    folder = tmp_path / "ds/embeddings.parquet"
+    assert folder.is_dir() and sorted(p.name for p in folder.iterdir()) == [f"part-{i:05d}.parquet" for i in range(3)]
+    assert summary["embedded"] == 300 and summary["output"] == "dataset"
+    ids = one["id"].to_pylist()
+    emb = column_array(one, "embedding")
+    back = pq.read_table(folder)
+    assert back["id"].to_pylist() == ids
+    np.testing.assert_array_equal(column_array(back, "embedding"), emb)
+    df = pd.read_parquet(folder)
+    assert df["id"].tolist() == ids and np.array_equal(np.stack(df["embedding"].to_numpy()), emb)
+    pf = pl.read_parquet(folder / "*.parquet")
+    assert pf["id"].to_list() == ids and np.array_equal(pf["embedding"].to_numpy(), emb)
+    rows = duckdb.sql(f"SELECT id, embedding FROM read_parquet('{folder}/*.parquet')").fetchall()
+    assert [r[0] for r in rows] == ids and np.allclose(np.array([r[1] for r in rows]), emb)

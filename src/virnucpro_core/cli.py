@@ -31,6 +31,7 @@ STAGE_OPTIONS = {
     "plan": ("packing", "long_sequences"),
     "embed": ("model_dir", "embedding"),
     "spot-check": ("model_dir", "embedding", "long_sequences", "spot_check"),
+    "merge": ("merge",),
 }
 
 
@@ -74,10 +75,11 @@ def parser() -> argparse.ArgumentParser:
     _add_options(s, "spot-check")
 
     s = sub.add_parser("merge", help="merge shard embeddings into one Parquet, with accounting")
-    s.add_argument("--shards", required=True, help="the shard stage's folder (manifest.json, skipped.tsv)")
+    s.add_argument("--shard-dir", required=True, help="the shard stage's folder (manifest.json, skipped.tsv)")
     s.add_argument("--embeddings", nargs="+", required=True)
     s.add_argument("--spot-checks", nargs="*", default=[])
     s.add_argument("--out", required=True)
+    _add_options(s, "merge")
 
     s = sub.add_parser("report", help="figures and tables of a finished run, for snakemake --report")
     s.add_argument("--outdir", required=True, help="the run's outdir")
@@ -155,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "merge":
         from .stages import merge
 
-        shards = Path(args.shards)
-        return _run("merge", lambda: merge.run(shards / "manifest.json", shards / "skipped.tsv", args.embeddings, args.spot_checks, args.out))
+        shards = Path(args.shard_dir)
+        return _run("merge", lambda: merge.run(shards / "manifest.json", shards / "skipped.tsv", args.embeddings, args.spot_checks,
+                                               args.out, options_from_args(args)))
     if args.stage == "report":
         from .report import write_report_files
 
@@ -210,7 +213,8 @@ def job(smk: Any) -> None:
         from .stages import merge as stage
 
         run = Layout(options.outdir)
-        name, work = "merge", lambda: stage.run(run.manifest, run.shard_skipped, list(i.embeddings), list(i.spot_checks), options.outdir)
+        name, work = "merge", lambda: stage.run(run.manifest, run.shard_skipped, list(i.embeddings), list(i.spot_checks),
+                                                options.outdir, options)
     elif smk.rule == "report_figures":
         from .report import write_report_files
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .idset import IdTable, id_hash
+
 log = logging.getLogger(__name__)
 
 GAPS = b"-."
@@ -165,9 +167,10 @@ def read_fasta(
     clean = {"protein": normalise, "nucleotide": normalise_nucleotides}[input_type]
     if on_invalid not in ("error", "skip"):
         raise ValueError(f"on_invalid must be 'error' or 'skip', not {on_invalid!r}")
-    seen: dict[str, tuple[str, int]] = {}
+    paths = [Path(p) for p in paths]
+    seen = IdTable()  # id hash -> file index << 40 | record number, where it was first kept
     order = 0
-    for path in map(Path, paths):
+    for file_index, path in enumerate(paths):
         if not path.is_file():
             raise FastaError(f"{path}: input file does not exist")
         residues = acgt = 0
@@ -187,9 +190,10 @@ def read_fasta(
                     raise ValueError("empty header (no id after '>')")
                 rec_id = words[0]
                 seq = clean(b"".join(lines))
-                if rec_id in seen:
-                    f, n = seen[rec_id]
-                    raise ValueError(f"duplicate id (first seen in {f} record {n})")
+                h = id_hash(rec_id)
+                first = seen.get(h)
+                if first is not None:
+                    raise ValueError(f"duplicate id (first seen in {paths[first >> 40]} record {first & ((1 << 40) - 1)})")
             except ValueError as exc:
                 where = f"{path}: record {number}" + (f" ({rec_id})" if rec_id else "")
                 if on_invalid == "error":
@@ -197,7 +201,7 @@ def read_fasta(
                 log.warning("skipped %s: %s", where, exc)
                 yield Skipped(str(path), number, rec_id, str(exc))
                 continue
-            seen[rec_id] = (str(path), number)
+            seen.put(h, file_index << 40 | number)
             residues += len(seq)
             acgt += sum(map(seq.count, "ACGTN"))
             yield Record(order, str(path), number, rec_id, seq)
@@ -211,35 +215,3 @@ def read_fasta(
                 path,
                 100 * acgt / residues,
             )
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """Contiguous slices of the kept records: shard i holds records [starts[i], starts[i+1])."""
-
-    starts: list[int]
-
-    @property
-    def n_shards(self) -> int:
-        return len(self.starts) - 1
-
-
-def balance_shards(lengths: list[int], n_shards: int) -> ShardSpec:
-    """Cut records, in input order, into ``n_shards`` contiguous runs of about equal residues.
-
-    Contiguous runs keep input order recoverable (concatenating shards in order gives the
-    input order) and make the split deterministic. Shards may be empty when there are
-    fewer records than shards.
-    """
-    if n_shards < 1:
-        raise ValueError("n_shards must be >= 1")
-    total = sum(lengths)
-    starts, acc, k = [0], 0, 1
-    for i, n in enumerate(lengths):
-        # a record goes to the shard its midpoint falls in
-        while k < n_shards and acc + n / 2 > total * k / n_shards:
-            starts.append(i)
-            k += 1
-        acc += n
-    starts.extend([len(lengths)] * (n_shards + 1 - len(starts)))
-    return ShardSpec(starts)

@@ -13,6 +13,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -32,8 +33,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a killed writer of this file
-        stale.unlink(missing_ok=True)
+    remove_stale(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -47,9 +47,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def remove_stale(path: Path) -> None:
+    """Remove the temporary files (or folders) a killed writer of ``path`` left next to it."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+ROW_GROUP_BYTES = 64 << 20
+
+
 def write_table(table: pa.Table, path: str | Path) -> None:
+    """Parquet (zstd) in row groups of about 64 MiB, so readers can stream it."""
+    rows = max(1, int(ROW_GROUP_BYTES * table.num_rows / max(1, table.nbytes)))
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression="zstd", row_group_size=rows)
 
 
 def write_tsv(path: str | Path, header: list[str], rows: list[list]) -> None:

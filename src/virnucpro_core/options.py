@@ -94,6 +94,13 @@ class SpotCheckOptions(_Checked):
 
 
 @dataclass(frozen=True, kw_only=True)
+class MergeOptions(_Checked):
+    output: str = opt("file", "embeddings.parquet as one file, or as a dataset folder of part files in input order "
+                      "(for outputs of hundreds of GB); pandas, pyarrow, polars and duckdb read either as one table",
+                      choices=("file", "dataset"))
+
+
+@dataclass(frozen=True, kw_only=True)
 class Options(_Checked):
     """config/config.yaml, less ``input`` and ``model``."""
 
@@ -109,6 +116,7 @@ class Options(_Checked):
     packing: PackingOptions = section(PackingOptions, "packs of sequences for the packed forward")
     embedding: EmbeddingOptions = section(EmbeddingOptions, "what is computed and written, and where")
     spot_check: SpotCheckOptions = section(SpotCheckOptions, "the per-shard equivalence check against the unpacked model")
+    merge: MergeOptions = section(MergeOptions, "the merged output")
 
     @classmethod
     def from_dict(cls, data: dict | None, ignore: tuple[str, ...] = ()) -> "Options":

@@ -39,6 +39,10 @@ def embeddings_table(
 
 
 def read_metadata(path: str | Path) -> dict:
+    """The ``virnucpro`` provenance of an embeddings file (or of a dataset folder's first part)."""
+    path = Path(path)
+    if path.is_dir():
+        path = min(path.glob("*.parquet"))
     meta = pq.read_schema(path).metadata or {}
     return json.loads(meta.get(b"virnucpro", b"{}"))
 

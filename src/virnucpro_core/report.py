@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pyarrow.dataset as ds  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from . import __version__  # noqa: E402
@@ -175,19 +176,21 @@ def equivalence_figure(run: Layout, dest: str) -> list[dict]:
 
 
 def projection_figure(run: Layout, dest: str, sample: int = 5000, seed: int = 0) -> None:
-    t = pq.read_table(run.embeddings, columns=["id", "length", "embedding"])
-    if t.num_rows < 3:
+    data = ds.dataset(run.embeddings, format="parquet")
+    n = data.count_rows()
+    if n < 3:
         fig, ax = plt.subplots(figsize=(6.5, 5))
-        ax.text(0.5, 0.5, f"{t.num_rows} embedded record(s): too few for a projection", ha="center", va="center",
+        ax.text(0.5, 0.5, f"{n} embedded record(s): too few for a projection", ha="center", va="center",
                 transform=ax.transAxes, fontsize=12)
         ax.set_axis_off()
         fig.savefig(dest)
         plt.close(fig)
         return
     rng = np.random.default_rng(seed)
-    idx = np.sort(rng.choice(t.num_rows, min(sample, t.num_rows), replace=False))
-    x = column_array(t, "embedding")[idx].astype(np.float64)
-    length = t["length"].to_numpy()[idx]
+    idx = np.sort(rng.choice(n, min(sample, n), replace=False))
+    t = data.take(idx, columns=["length", "embedding"])  # the sample only, not the whole output
+    x = column_array(t, "embedding").astype(np.float64)
+    length = t["length"].to_numpy()
     x = x - x.mean(0)
     u, s, _ = np.linalg.svd(x, full_matrices=False)
     xy = u[:, :2] * s[:2]

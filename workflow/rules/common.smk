@@ -77,6 +77,11 @@ def shard_names():
     return L.shard_names("shards")
 
 
+def merged_embeddings():
+    """embeddings.parquet: a file, or with merge.output: dataset a folder of part files."""
+    return directory(L.embeddings) if OPTIONS.merge.output == "dataset" else L.embeddings
+
+
 def shard_embeddings(wildcards):
     return [L.shard_embeddings(name) for name in shard_names()]
 

@@ -5,7 +5,7 @@ rule merge:
         embeddings=shard_embeddings,
         spot_checks=shard_spot_checks,
     output:
-        embeddings=L.embeddings,
+        embeddings=merged_embeddings(),
         skipped=L.skipped,
         spot_check=L.spot_checks,
         summary=L.summary,

@@ -1,11 +1,20 @@
-"""Stage 5: every kept record once, in input order, in one Parquet; skipped.tsv, spot_check.tsv and
-summary.json. Fails on any missing, duplicated or out-of-order record or a count mismatch."""
+"""Stage 5: every kept record once, in input order, in one Parquet file (or a dataset folder of part
+files); skipped.tsv, spot_check.tsv and summary.json.
+
+Streams: rows go from the shard files to the output one batch at a time, so memory is bounded by a
+batch, never by the run. The accounting is streamed too: the shard step numbered every embedded
+row (``order`` 0, 1, 2, ...), so a contiguous run of numbers proves that no row is missing,
+duplicated or out of order, and per input file, records in = records embedded + records skipped.
+Any failure stops the merge before the output is renamed into place.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
 import logging
+import shutil
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -14,73 +23,136 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..files import read_tsv, sha256, write_json, write_table, write_tsv
+from ..files import atomic_path, remove_stale, sha256, write_json, write_tsv
 from ..layout import Layout
-from ..parquet import read_metadata
+from ..options import Options
 from .shard import BOOKKEEPING, SKIPPED_COLUMNS
 
 log = logging.getLogger(__name__)
 
+BATCH_BYTES = 64 << 20  # rows read and written at a time: about this many bytes
 
-def run(manifest: str | Path, skipped: str | Path, embeddings: list[str], spot_checks: list[str], outdir: str | Path) -> dict:
-    """Write ``embeddings.parquet``, ``skipped.tsv``, ``spot_check.tsv`` and ``summary.json`` into ``outdir``."""
+
+def _batches(path: str) -> tuple[pq.ParquetFile, int]:
+    f = pq.ParquetFile(path)
+    rows = max(1, f.metadata.num_rows)
+    per_row = max(1, sum(f.metadata.row_group(i).total_byte_size for i in range(f.num_row_groups)) // rows)
+    return f, max(1, BATCH_BYTES // per_row)
+
+
+class _Check:
+    """The streamed accounting: contiguous row numbers, distinct input records per file."""
+
+    def __init__(self) -> None:
+        self.next_order = 0
+        self.last: tuple[str, int] | None = None
+        self.records = Counter()  # input file -> input records with at least one embedded row
+
+    def add(self, batch: pa.RecordBatch, where: str) -> None:
+        order = batch.column("order").to_numpy()
+        expected = np.arange(self.next_order, self.next_order + len(order))
+        if not np.array_equal(order, expected):
+            bad = int(np.flatnonzero(order != expected)[0])
+            raise RuntimeError(f"merge check failed: {where} holds row {int(order[bad])} where row {int(expected[bad])} was "
+                               "expected: records are missing, duplicated or out of input order")
+        self.next_order += len(order)
+        files, numbers = batch.column("file").to_pylist(), batch.column("record").to_numpy()
+        new = np.ones(len(numbers), dtype=bool)  # a row of a record that the previous row did not belong to
+        if len(numbers):
+            new[1:] = (numbers[1:] != numbers[:-1]) | (np.array(files[1:], dtype=object) != np.array(files[:-1], dtype=object))
+            new[0] = self.last != (files[0], int(numbers[0]))
+            self.last = (files[-1], int(numbers[-1]))
+        self.records.update(f for f, n in zip(files, new) if n)
+
+
+def run(manifest: str | Path, skipped: str | Path, embeddings: list[str], spot_checks: list[str], outdir: str | Path,
+        options: Options) -> dict:
+    """Write ``embeddings.parquet`` (a file, or with ``merge.output: dataset`` a folder of part
+    files), ``skipped.tsv``, ``spot_check.tsv`` and ``summary.json`` into ``outdir``."""
     out = Layout(str(outdir))
     man = json.loads(Path(manifest).read_text())
     for f in man["inputs"]:  # an input changed in place since it was sharded (its mtime kept) is caught here
         if not Path(f["file"]).is_file() or sha256(f["file"], cache=False) != f["sha256"]:
             raise RuntimeError(f"{f['file']} is not the file that was sharded (SHA-256 {f['sha256'][:16]}... then); "
                                "rerun the shard step: snakemake --forcerun shard_fasta")
-    tables = [pq.read_table(p) for p in embeddings]
-    if len(tables) != man["shards"]:
-        raise ValueError(f"expected {man['shards']} shard embeddings, got {len(tables)}")
-    table = pa.concat_tables(tables)
-    order = table["order"].to_numpy()
-    ids = table["id"].to_pylist()
-    problems = []
-    if len(ids) != man["records"]:
-        problems.append(f"{len(ids)} embedded records, {man['records']} kept by the shard step")
-    dup = sorted(i for i, n in Counter(ids).items() if n > 1)
-    if dup:
-        problems.append(f"duplicated ids in the embeddings: {dup[:5]}")
-    if not np.array_equal(order, np.arange(len(order))):
-        problems.append("records are missing or out of input order")
-    skipped_rows = read_tsv(skipped)
-    # per input file: records in = records embedded (at least one row) + records skipped
-    embedded_records = set(zip(table["file"].to_pylist(), table["record"].to_pylist()))
-    embedded_per_file = Counter(file for file, _ in embedded_records)
-    skipped_per_file = Counter(r["file"] for r in skipped_rows)
-    per_file_out = {}
-    for f in man["inputs"]:
-        out_n, skip_n = embedded_per_file[f["file"]], skipped_per_file[f["file"]]
-        per_file_out[f["file"]] = {"records_in": f["records"], "embedded": out_n, "skipped": skip_n}
-        if f["records"] != out_n + skip_n:
-            problems.append(f"{f['file']}: {f['records']} records in, {out_n} embedded + {skip_n} skipped")
-    if problems:
-        raise RuntimeError("merge check failed: " + "; ".join(problems))
-    meta = read_metadata(embeddings[0]) if embeddings else {}
+    if len(embeddings) != man["shards"]:
+        raise ValueError(f"expected {man['shards']} shard embeddings, got {len(embeddings)}")
+    meta = json.loads((pq.read_schema(embeddings[0]).metadata or {}).get(b"virnucpro", b"{}")) if embeddings else {}
     meta.pop("run", None)
     meta["inputs"] = man["inputs"]
-    final = table.drop_columns(BOOKKEEPING).replace_schema_metadata({"virnucpro": json.dumps(meta, sort_keys=True)})
-    write_table(final, out.embeddings)
-    write_tsv(out.skipped, SKIPPED_COLUMNS, [[r[c] for c in SKIPPED_COLUMNS] for r in skipped_rows])
-    spot_rows, header = [], None
-    for p in spot_checks:
-        with open(p, newline="") as fh:
-            rd = list(csv.reader(fh, delimiter="\t"))
-        header = rd[0]
-        spot_rows += rd[1:]
-    write_tsv(out.spot_checks, header or ["id"], spot_rows)
+    check = _Check()
+    dataset = options.merge.output == "dataset"
+    final = Path(out.embeddings)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(final)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        writer = None
+        for i, path in enumerate(embeddings):
+            f, rows = _batches(path)
+            schema = f.schema_arrow.remove_metadata()
+            keep = [n for n in schema.names if n not in BOOKKEEPING]
+            schema = pa.schema([schema.field(n) for n in keep], metadata={"virnucpro": json.dumps(meta, sort_keys=True)})
+            if writer is None or dataset:
+                if writer is not None:
+                    writer.close()
+                writer = pq.ParquetWriter(tmp_dir / (f"part-{i:05d}.parquet" if dataset else "embeddings.parquet"), schema,
+                                          compression="zstd")
+            for batch in f.iter_batches(batch_size=rows):
+                check.add(batch, path)
+                writer.write_batch(pa.RecordBatch.from_arrays([batch.column(n) for n in keep], schema=schema))
+        if writer is None:
+            raise ValueError("no shard embeddings to merge")
+        writer.close()
+        problems = []
+        if check.next_order != man["records"]:
+            problems.append(f"{check.next_order} embedded rows, {man['records']} kept by the shard step")
+        skipped_per_file = Counter()
+        with open(skipped, newline="") as src, atomic_path(out.skipped) as dst_path, open(dst_path, "w", newline="") as dst:
+            w = csv.writer(dst, delimiter="\t", lineterminator="\n")
+            w.writerow(SKIPPED_COLUMNS)
+            for r in csv.DictReader(src, delimiter="\t"):
+                skipped_per_file[r["file"]] += 1
+                w.writerow([r[c] for c in SKIPPED_COLUMNS])
+        per_file = {}
+        for f in man["inputs"]:
+            n_out, n_skip = check.records[f["file"]], skipped_per_file[f["file"]]
+            per_file[f["file"]] = {"records_in": f["records"], "embedded": n_out, "skipped": n_skip}
+            if f["records"] != n_out + n_skip:
+                problems.append(f"{f['file']}: {f['records']} records in, {n_out} embedded + {n_skip} skipped")
+        if problems:
+            raise RuntimeError("merge check failed: " + "; ".join(problems))
+        if final.is_dir():
+            shutil.rmtree(final)
+        elif final.exists():
+            final.unlink()
+        (tmp_dir if dataset else tmp_dir / "embeddings.parquet").rename(final)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    spot = _concat_spot_checks(spot_checks, out.spot_checks)
     summary = {
         "records_in": sum(f["records"] for f in man["inputs"]),
-        "embedded": len(ids),
-        "embedded_input_records": len(embedded_records),
-        "skipped": len(skipped_rows),
-        "per_file": per_file_out,
-        "spot_checked": len(spot_rows),
-        "spot_check_failed": sum(1 for r in spot_rows if r[-1] != "pass"),
+        "embedded": check.next_order,
+        "embedded_input_records": sum(check.records.values()),
+        "skipped": sum(skipped_per_file.values()),
+        "per_file": per_file,
+        "spot_checked": spot["checked"],
+        "spot_check_failed": spot["failed"],
         "model": meta.get("model"),
+        "output": options.merge.output,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_json(out.summary, summary)
-    log.info("merged %d records (%d skipped) into %s", len(ids), len(skipped_rows), out.embeddings)
+    log.info("merged %d rows (%d records skipped) into %s", check.next_order, summary["skipped"], final)
     return summary
+
+
+def _concat_spot_checks(paths: list[str], dest: str) -> dict:
+    rows, header = [], None
+    for p in paths:
+        with open(p, newline="") as fh:
+            rd = list(csv.reader(fh, delimiter="\t"))
+        header = rd[0]
+        rows += rd[1:]
+    write_tsv(dest, header or ["id"], rows)
+    return {"checked": len(rows), "failed": sum(1 for r in rows if r[-1] != "pass")}

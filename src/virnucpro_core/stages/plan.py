@@ -6,6 +6,8 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..files import write_json
@@ -18,7 +20,8 @@ log = logging.getLogger(__name__)
 
 def run(shard: str | Path, out: str | Path, stats_out: str | Path | None, options: Options) -> dict:
     """Write the plan (Parquet, one row per item) to ``out`` and its statistics to ``stats_out``."""
-    lengths = sequence_lengths(pq.read_table(shard, columns=["sequence"]))
+    f = pq.ParquetFile(shard)  # lengths a row group at a time: the sequences are never all in memory
+    lengths = np.concatenate([sequence_lengths(pa.table(b)) for b in f.iter_batches(columns=["sequence"])] or [np.zeros(0, np.int64)])
     long = options.long_sequences
     plan = build_plan(lengths, options.packing.token_budget, long.policy, long.overlap)
     save_plan(plan, out)
