@@ -6,7 +6,7 @@ For each size: a synthetic protein FASTA (log-normal lengths, median 300, 30..30
 pyrodigal-style records), then each stage in its own process, as a workflow job runs it:
 ``shard`` (residues_per_shard), ``plan`` of every shard, a stand-in for the GPU stage that writes
 each shard's embeddings (random 1280-d float32, so the merge moves real-sized data), and
-``merge``. Peak RSS is the child's own ``ru_maxrss``. No model is needed.
+``merge``. Peak RSS is the child's own high-water mark (``VmHWM``). No model is needed.
 """
 
 from __future__ import annotations
@@ -24,11 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
+# VmHWM, the process's own high-water mark (ru_maxrss would carry the parent's over fork and exec)
 CHILD = """
-import json, resource, sys, time
+import json, re, sys, time
 _t0 = time.perf_counter()
 {code}
-print(json.dumps({{"seconds": time.perf_counter() - _t0, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+_hwm = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+print(json.dumps({{"seconds": time.perf_counter() - _t0, "peak_rss_mb": _hwm / 1024}}))
 """
 
 

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -256,3 +257,17 @@ def test_a_changed_input_is_caught_by_the_merge(tmp_path):
     with pytest.raises(RuntimeError, match="is not the file that was sharded"):
         merge.run(tmp_path / "shards/manifest.json", tmp_path / "shards/skipped.tsv", [str(tmp_path / "emb.parquet")], [], tmp_path, opts)
     assert not (tmp_path / "embeddings.parquet").exists()
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_outputs_get_the_mode_a_plain_open_gives(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        files.write_table(pa.table({"a": [1]}), tmp_path / "t.parquet")
+        files.write_json(tmp_path / "s.json", {})
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(old)
+    for name in ("t.parquet", "s.json", "plain"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name

@@ -105,3 +105,45 @@ def test_named_model_uses_fair_esm_url_and_cache(tmp_path, monkeypatch):
     ]
     load_model("esm2_t6_8M_UR50D", tmp_path)
     assert len(calls) == 2  # cached
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: setattr(d["cfg"]["model"], "encoder_layers", 3_000_000), "the config names 3000000 layers but the file holds layers 0..1"),
+    (lambda d: setattr(d["cfg"]["model"], "encoder_attention_heads", 5), "embed dim 32 is not divisible by 5 heads"),
+    (lambda d: d["cfg"].__setitem__("model", [1, 2]), "'cfg' has no ESM-2 model config (found list)"),
+    (lambda d: setattr(d["cfg"]["model"], "encoder_embed_dim", "32"), "encoder_embed_dim='32' is not a positive integer"),
+    (lambda d: delattr(d["cfg"]["model"], "encoder_layers"), "ESM-2 config lacks 'encoder_layers'"),
+], ids=["huge-layer-count", "heads", "list-config", "string-dim", "missing-key"])
+def test_malformed_configs_are_refused_before_anything_is_built(tmp_path, change, message):
+    """Checked against the tensors present, from the index alone (checkpoint.inspect) and on load."""
+    import time
+
+    from virnucpro_core.checkpoint import inspect
+
+    path = tmp_path / "m.pt"
+    save_checkpoint(build_esm2(2, 32, 4), path)
+    data = torch.load(path, weights_only=False)
+    change(data)
+    torch.save(data, path)
+    for read in (inspect, load_checkpoint):
+        t = time.perf_counter()
+        with pytest.raises(CheckpointError) as exc:
+            read(path)
+        assert str(exc.value).startswith(f"{path}: ") and message in str(exc.value)
+        assert time.perf_counter() - t < 10  # refused, not built
+
+
+def test_empty_files_and_bad_companions_are_named(tmp_path):
+    from virnucpro_core.checkpoint import inspect
+
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    for read in (inspect, load_checkpoint):
+        with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint \\(an empty file \\(0 bytes\\)\\)"):
+            read(empty)
+    path = tmp_path / "m.pt"
+    save_checkpoint(build_esm2(2, 32, 4), path)
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "m-contact-regression.pt")
+    with pytest.raises(CheckpointError, match="m-contact-regression.pt: not a fair-esm contact-regression file"):
+        load_checkpoint(path)
+    assert inspect(path).layers == 2  # the index alone is fine

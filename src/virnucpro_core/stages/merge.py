@@ -1,8 +1,8 @@
 """Stage 5: every kept record once, in input order, in one Parquet file (or a dataset folder of part
 files); skipped.tsv, spot_check.tsv and summary.json.
 
-Streams: rows go from the shard files to the output one batch at a time, so memory is bounded by a
-batch, never by the run. The accounting is streamed too: the shard step numbered every embedded
+Streams: rows go from the shard files to the output one batch (~32 MiB) at a time, so memory is
+bounded by a batch, never by the run. The accounting is streamed too: the shard step numbered every embedded
 row (``order`` 0, 1, 2, ...), so a contiguous run of numbers proves that no row is missing,
 duplicated or out of order, and per input file, records in = records embedded + records skipped.
 Any failure stops the merge before the output is renamed into place.
@@ -30,11 +30,11 @@ from .shard import BOOKKEEPING, SKIPPED_COLUMNS
 
 log = logging.getLogger(__name__)
 
-BATCH_BYTES = 64 << 20  # rows read and written at a time: about this many bytes
+BATCH_BYTES = 32 << 20  # rows read and written at a time: about this many bytes
 
 
 def _batches(path: str) -> tuple[pq.ParquetFile, int]:
-    f = pq.ParquetFile(path)
+    f = pq.ParquetFile(path, pre_buffer=False)  # pre-buffering reads ahead the whole file
     rows = max(1, f.metadata.num_rows)
     per_row = max(1, sum(f.metadata.row_group(i).total_byte_size for i in range(f.num_row_groups)) // rows)
     return f, max(1, BATCH_BYTES // per_row)
@@ -98,7 +98,7 @@ def run(manifest: str | Path, skipped: str | Path, embeddings: list[str], spot_c
                     writer.close()
                 writer = pq.ParquetWriter(tmp_dir / (f"part-{i:05d}.parquet" if dataset else "embeddings.parquet"), schema,
                                           compression="zstd")
-            for batch in f.iter_batches(batch_size=rows):
+            for batch in f.iter_batches(batch_size=rows, use_threads=False):
                 check.add(batch, path)
                 writer.write_batch(pa.RecordBatch.from_arrays([batch.column(n) for n in keep], schema=schema))
         if writer is None:
