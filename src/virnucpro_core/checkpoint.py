@@ -1,4 +1,5 @@
-"""A fair-esm checkpoint's shape, checked against its tensors, without building the model.
+"""A fair-esm checkpoint's shape, checked against its tensors, without building the model; and
+the options that depend on the model's shape.
 
 :func:`inspect` reads only the pickled index of a checkpoint (its config and the shape of every
 tensor, no tensor data, no torch), so the workflow checks the model and the options that depend
@@ -16,6 +17,8 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from .options import Options
 
 
 class CheckpointError(ValueError):
@@ -103,3 +106,23 @@ def inspect(path: str | Path) -> Shape:
     if not isinstance(data["model"], dict):
         raise CheckpointError(f"{path}: 'model' is not a state dict")
     return check(cfg, {k: getattr(v, "shape", ()) for k, v in data["model"].items()}, path)
+
+
+def resolve_layers(layers: tuple[int, ...], num_layers: int, key: str) -> tuple[int, ...]:
+    """Layer indices as 0..num_layers (0 = the embeddings; negative ones count from the end:
+    -1 is the last layer), sorted and unique; ``key`` names the option in errors."""
+    out = set()
+    for layer in layers:
+        index = num_layers + 1 + layer if layer < 0 else layer
+        if not 0 <= index <= num_layers:
+            raise ValueError(f"config '{key}': layer {layer} is out of range for a model of {num_layers} layers "
+                             f"(0..{num_layers}, or -{num_layers + 1}..-1 from the end)")
+        out.add(index)
+    return tuple(sorted(out))
+
+
+def check_for_model(options: Options, num_layers: int) -> None:
+    """Options that depend on the model, checked before any job runs."""
+    e = options.embedding
+    resolve_layers(e.layers, num_layers, "embedding.layers")
+    resolve_layers(e.per_residue_layers, num_layers, "embedding.per_residue_layers")

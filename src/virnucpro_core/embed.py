@@ -16,7 +16,8 @@ import torch
 
 from .equivalence import reference_hidden
 from .model import LoadedModel
-from .options import EmbeddingOptions, resolve_layers
+from .checkpoint import resolve_layers
+from .options import EmbeddingOptions
 from .packed_esm import POOLINGS, PackedESM2, pool, residues
 from .packing import Pack, Plan
 from .prefetch import prefetch

@@ -140,26 +140,6 @@ class Options(_Checked):
         return Options.from_dict(data)
 
 
-def resolve_layers(layers: tuple[int, ...], num_layers: int, key: str) -> tuple[int, ...]:
-    """Layer indices as 0..num_layers (0 = the embeddings; negative ones count from the end:
-    -1 is the last layer), sorted and unique; ``key`` names the option in errors."""
-    out = set()
-    for layer in layers:
-        index = num_layers + 1 + layer if layer < 0 else layer
-        if not 0 <= index <= num_layers:
-            raise ValueError(f"config '{key}': layer {layer} is out of range for a model of {num_layers} layers "
-                             f"(0..{num_layers}, or -{num_layers + 1}..-1 from the end)")
-        out.add(index)
-    return tuple(sorted(out))
-
-
-def check_for_model(options: Options, num_layers: int) -> None:
-    """Options that depend on the model, checked before any job runs."""
-    e = options.embedding
-    resolve_layers(e.layers, num_layers, "embedding.layers")
-    resolve_layers(e.per_residue_layers, num_layers, "embedding.per_residue_layers")
-
-
 # fair-esm's ESM-2 releases: name -> (layers, embed_dim, heads)
 ESM2_MODELS = {
     "esm2_t6_8M_UR50D": (6, 320, 20),

@@ -7,9 +7,9 @@ from snakemake.utils import validate
 # the options and the folder layout come from the core package (both import nothing heavy)
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 from virnucpro_core import claim
-from virnucpro_core.checkpoint import inspect as checkpoint_shape
+from virnucpro_core.checkpoint import check_for_model, inspect as checkpoint_shape
 from virnucpro_core.layout import SHARD_PATTERN, Layout
-from virnucpro_core.options import ESM2_MODELS, PATH_KEYS, Options, check_for_model
+from virnucpro_core.options import ESM2_MODELS, PATH_KEYS, Options
 
 # types --config values by the options' declarations (nested ones arrive as strings),
 # fills in the defaults, and names any unknown key or bad value
@@ -79,7 +79,9 @@ def shard_names():
 
 def merged_embeddings():
     """embeddings.parquet: a file, or with merge.output: dataset a folder of part files."""
-    return directory(L.embeddings) if OPTIONS.merge.output == "dataset" else L.embeddings
+    return (
+        directory(L.embeddings) if OPTIONS.merge.output == "dataset" else L.embeddings
+    )
 
 
 def shard_embeddings(wildcards):
