@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import random_protein
+from virnucpro_core import files
 from virnucpro_core.options import Options
 from virnucpro_core.stages import embed, merge, plan, shard, spot_check
 from virnucpro_core.parquet import column_array
@@ -271,6 +272,7 @@ def test_dataset_output_reads_as_one_table_in_input_order(tmp_path):
     summary = merge.run(d / "shards/manifest.json", d / "shards/skipped.tsv", [str(d / f"emb{i}.parquet") for i in range(3)], [],
                         tmp_path / "ds", opts)
     folder = tmp_path / "ds/embeddings.parquet"
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~files.umask()  # as mkdir makes it, not mkdtemp's 0700
     assert folder.is_dir() and sorted(p.name for p in folder.iterdir()) == [f"part-{i:05d}.parquet" for i in range(3)]
     assert summary["embedded"] == 300 and summary["output"] == "dataset"
     ids = one["id"].to_pylist()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -23,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..files import atomic_path, remove_stale, sha256, write_json, write_tsv
+from ..files import atomic_path, remove_stale, sha256, umask, write_json, write_tsv
 from ..layout import Layout
 from ..options import Options
 from .shard import BOOKKEEPING, SKIPPED_COLUMNS
@@ -126,6 +127,8 @@ def run(manifest: str | Path, skipped: str | Path, embeddings: list[str], spot_c
             shutil.rmtree(final)
         elif final.exists():
             final.unlink()
+        if dataset:
+            os.chmod(tmp_dir, 0o777 & ~umask())  # a folder from mkdtemp is 0700: give it what mkdir would
         (tmp_dir if dataset else tmp_dir / "embeddings.parquet").rename(final)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
