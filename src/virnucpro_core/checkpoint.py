@@ -97,15 +97,25 @@ def inspect(path: str | Path) -> Shape:
             name = next(n for n in z.namelist() if n.endswith("data.pkl"))
             data = _Index(z.open(name)).load()
     except (zipfile.BadZipFile, StopIteration, pickle.UnpicklingError, EOFError, OSError, AttributeError, TypeError) as exc:
-        size = path.stat().st_size if path.exists() else 0
-        what = "an empty file (0 bytes)" if path.exists() and size == 0 else f"{type(exc).__name__}: {exc}"
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({what})") from None
+        raise unreadable(path, exc) from None
+    return shape_of(data, path)[1]
+
+
+def unreadable(path: str | Path, exc: BaseException) -> CheckpointError:
+    """The error for a file that is no PyTorch checkpoint at all."""
+    path = Path(path)
+    what = "an empty file (0 bytes)" if path.exists() and path.stat().st_size == 0 else f"{type(exc).__name__}: {exc}"
+    return CheckpointError(f"{path}: not a readable PyTorch checkpoint ({what})")
+
+
+def shape_of(data: object, path: str | Path) -> tuple[object, Shape]:
+    """The config and the checked shape of a checkpoint's contents (tensors or stand-ins with a shape)."""
     if not isinstance(data, dict) or "model" not in data or "cfg" not in data:
         raise CheckpointError(f"{path}: not a fair-esm ESM-2 checkpoint (expected a dict with 'cfg' and 'model')")
     cfg = data["cfg"].get("model") if isinstance(data["cfg"], dict) else data["cfg"]
     if not isinstance(data["model"], dict):
         raise CheckpointError(f"{path}: 'model' is not a state dict")
-    return check(cfg, {k: getattr(v, "shape", ()) for k, v in data["model"].items()}, path)
+    return cfg, check(cfg, {k: tuple(getattr(v, "shape", ())) for k, v in data["model"].items()}, path)
 
 
 def resolve_layers(layers: tuple[int, ...], num_layers: int, key: str) -> tuple[int, ...]:

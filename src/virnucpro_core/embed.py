@@ -1,8 +1,8 @@
 """Embedding stage: a shard's packs through the packed ESM-2, pooled per record.
 
 The GPU never waits on Python: packs are tokenised ahead (:mod:`.prefetch`) and copied
-asynchronously; pooled outputs stay on the device and are copied to the host once at the end. On CUDA out-of-memory a pack is split
-in two and retried, down to single sequences.
+asynchronously; pooled outputs stay on the device and are copied to the host once at the end.
+On CUDA out-of-memory a pack is split in two and retried, down to single sequences.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .checkpoint import resolve_layers
 from .equivalence import reference_hidden
 from .model import LoadedModel
-from .checkpoint import resolve_layers
 from .options import EmbeddingOptions
 from .packed_esm import POOLINGS, PackedESM2, pool, residues
 from .packing import Pack, Plan

@@ -78,7 +78,7 @@ def _lines(path: Path) -> Iterator[bytes]:
         magic = fh.read(2)
     raw = gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
     with raw:
-        head = raw.peek(8192)[:8192] if hasattr(raw, "peek") else b""
+        head = raw.peek(8192)[:8192]  # both readers peek without consuming
         for lead, what in MAGIC.items():
             if head.startswith(lead):
                 raise FastaError(f"{path}: {what}")

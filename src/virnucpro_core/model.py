@@ -18,7 +18,7 @@ import esm
 import torch
 from esm.model.esm2 import ESM2
 
-from .checkpoint import CheckpointError, check
+from .checkpoint import CheckpointError, shape_of, unreadable
 from .files import sha256
 from .options import ESM2_MODELS
 
@@ -57,8 +57,7 @@ def safe_load(path: str | Path) -> dict:
             f"({first}). Only fair-esm-format checkpoints are loaded, never by full unpickling."
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:
-        what = "an empty file (0 bytes)" if Path(path).stat().st_size == 0 else f"{type(exc).__name__}: {exc}"
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({what})") from None
+        raise unreadable(path, exc) from None
 
 
 def build_esm2(layers: int, embed_dim: int, heads: int, token_dropout: bool = True) -> ESM2:
@@ -82,13 +81,7 @@ def save_checkpoint(model: ESM2, path: str | Path) -> None:
 
 
 def _model_from_data(data: object, path: Path) -> ESM2:
-    if not isinstance(data, dict) or "model" not in data or "cfg" not in data:
-        raise CheckpointError(f"{path}: not a fair-esm ESM-2 checkpoint (expected a dict with 'cfg' and 'model')")
-    cfg = data["cfg"].get("model") if isinstance(data["cfg"], dict) else data["cfg"]
-    if not isinstance(data["model"], dict):
-        raise CheckpointError(f"{path}: 'model' is not a state dict")
-    # the config against the tensors present, before anything is allocated
-    s = check(cfg, {k: tuple(getattr(v, "shape", ())) for k, v in data["model"].items()}, path)
+    cfg, s = shape_of(data, path)  # the config against the tensors present, before anything is allocated
     with torch.device("meta"):  # no random init: every tensor comes from the file
         model = build_esm2(s.layers, s.embed_dim, s.heads, bool(getattr(cfg, "token_dropout", True)))
     # fair-esm's own key upgrade (esm.pretrained._load_model_and_alphabet_core_v2)

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from ..files import atomic_path, remove_stale, sha256, umask, write_json, write_tsv
 from ..layout import Layout
 from ..options import Options
+from ..parquet import read_metadata
 from .shard import BOOKKEEPING, SKIPPED_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def run(manifest: str | Path, skipped: str | Path, embeddings: list[str], spot_c
                                "rerun the shard step: snakemake --forcerun shard_fasta")
     if len(embeddings) != man["shards"]:
         raise ValueError(f"expected {man['shards']} shard embeddings, got {len(embeddings)}")
-    meta = json.loads((pq.read_schema(embeddings[0]).metadata or {}).get(b"virnucpro", b"{}")) if embeddings else {}
+    meta = read_metadata(embeddings[0]) if embeddings else {}
     meta.pop("run", None)
     meta["inputs"] = man["inputs"]
     check = _Check()

@@ -71,8 +71,8 @@ def _items(inputs: list[str], options: Options) -> Iterator[tuple[Record | Skipp
 class _ShardWriter:
     """Rows to ``shard_0000.parquet``, ``shard_0001.parquet``... as they come, a row group at a time:
     memory holds one row group, never a shard or the input. A record goes to the shard its
-    residues' midpoint falls in; no shard
-    is empty, except the one shard of an input with no record to embed."""
+    residues' midpoint falls in; no shard is empty, except the one shard of an input with no
+    record to embed."""
 
     def __init__(self, outdir: Path, residues: int, per: int, max_shards: int | None, nucleotide: bool) -> None:
         # shard k holds residues [k * residues / per, (k + 1) * residues / per): integers, exact
@@ -82,7 +82,7 @@ class _ShardWriter:
         self.rows: dict[str, list] = {n: [] for n in self.schema.names}
         self.buffered = 0  # residues in self.rows
         self.residues = 0  # all rows so far
-        self.boundary = 1  # the next shard starts where the residues pass boundary * target
+        self.boundary = 1  # the next shard starts where the residues pass boundary * residues / per
         self.counts: list[int] = []
         self.writer: pq.ParquetWriter | None = None
         self.tmp: Path | None = None
