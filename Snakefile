@@ -1,5 +1,5 @@
 # virnucpro: protein FASTA -> packed ESM-2 embeddings in Parquet.
-# FASTA -> shards -> packing plan -> embedding (one GPU per job) -> spot-check -> merge.
+# FASTA -> shards -> packing plan -> embedding and spot-check (one GPU per job) -> merge.
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -16,7 +16,6 @@ include: "workflow/rules/model.smk"
 include: "workflow/rules/shard.smk"
 include: "workflow/rules/plan.smk"
 include: "workflow/rules/embed.smk"
-include: "workflow/rules/spot_check.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/report.smk"
 

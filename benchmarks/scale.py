@@ -7,6 +7,8 @@ pyrodigal-style records), then each stage in its own process, as a workflow job 
 ``shard`` (residues_per_shard), ``plan`` of every shard, a stand-in for the GPU stage that writes
 each shard's embeddings (random 1280-d float32, so the merge moves real-sized data), and
 ``merge``. Peak RSS is the child's own high-water mark (``VmHWM``). No model is needed.
+``--dim 64`` makes the embeddings 20x smaller, for sizes whose 1280-d output would not fit the disk
+(16 M records: 82 GB of shard files and as much merged).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ from virnucpro_core.stages.shard import BOOKKEEPING, sequence_lengths
 rng = np.random.default_rng(0)
 f = pq.ParquetFile({shard!r})
 t = f.read(columns=["order", "id", "file", "record", "sequence"])
-emb = rng.standard_normal((t.num_rows, 1280), dtype=np.float32)
+emb = rng.standard_normal((t.num_rows, {dim}), dtype=np.float32)
 table = embeddings_table(t["id"].to_pylist(), sequence_lengths(t), {{"embedding": emb}}, {{"model": "synthetic"}})
 for c in BOOKKEEPING:
     table = table.append_column(c, t[c])
@@ -74,7 +76,7 @@ write_table(table, {out!r})
 """
 
 
-def run_size(n: int, work: Path, residues_per_shard: int) -> dict:
+def run_size(n: int, work: Path, residues_per_shard: int, dim: int) -> dict:
     d = work / f"n{n}"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
@@ -82,7 +84,7 @@ def run_size(n: int, work: Path, residues_per_shard: int) -> dict:
     t = time.perf_counter()
     residues = make_fasta(fasta, n)
     print(f"{n} records, {residues} residues, FASTA {fasta.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s", flush=True)
-    row = {"records": n, "residues": residues, "fasta_bytes": fasta.stat().st_size}
+    row = {"records": n, "residues": residues, "fasta_bytes": fasta.stat().st_size, "embedding_dim": dim}
     opts = f"Options(residues_per_shard={residues_per_shard})"
     row["shard"] = child(f"from virnucpro_core.options import Options\nfrom virnucpro_core.stages import shard\n"
                          f"shard.run([{str(fasta)!r}], {str(d / 'shards')!r}, {opts})")
@@ -97,7 +99,7 @@ def run_size(n: int, work: Path, residues_per_shard: int) -> dict:
     embs = []
     for i in range(man["shards"]):
         out = d / f"emb{i}.parquet"
-        child(FAKE_EMBED.format(shard=str(d / "shards" / f"shard_{i:04d}.parquet"), out=str(out)))
+        child(FAKE_EMBED.format(shard=str(d / "shards" / f"shard_{i:04d}.parquet"), out=str(out), dim=dim))
         embs.append(str(out))
     row["embeddings_bytes"] = sum(os.path.getsize(e) for e in embs)
     row["merge"] = child(f"from virnucpro_core.options import Options\nfrom virnucpro_core.stages import merge\n"
@@ -117,13 +119,14 @@ def main() -> int:
     ap.add_argument("--records", default="1000000,4000000")
     ap.add_argument("--residues-per-shard", type=int, default=100_000_000)
     ap.add_argument("--work", default="/tmp/virnucpro-scale")
+    ap.add_argument("--dim", type=int, default=1280, help="synthetic embedding width (1280: the 650M model's)")
     ap.add_argument("--out")
     args = ap.parse_args()
     doc = {"machine": f"{platform.node()} ({os.cpu_count()} cores)", "date": datetime.date.today().isoformat(),
            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
            "residues_per_shard": args.residues_per_shard, "rows": []}
     for n in (int(x) for x in args.records.split(",")):
-        doc["rows"].append(run_size(n, Path(args.work), args.residues_per_shard))
+        doc["rows"].append(run_size(n, Path(args.work), args.residues_per_shard, args.dim))
         if args.out:
             Path(args.out).write_text(json.dumps(doc, indent=1))
     return 0

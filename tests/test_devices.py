@@ -76,3 +76,66 @@ def test_cpu_when_no_gpu(tmp_path):
     with pytest.raises(RuntimeError, match="no GPU"):
         with acquire_device(tmp_path, "cuda", n_devices=0):
             pass
+
+
+# ------------------------------------------------------------------ two users of one machine
+def _user(name: str) -> tuple[int, int]:
+    import pwd
+    import shutil
+    import subprocess
+
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        if not shutil.which("useradd"):
+            pytest.skip("needs useradd to create a second user")
+        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
+        pw = pwd.getpwnam(name)
+    return pw.pw_uid, pw.pw_gid
+
+
+def hold_as(uid, gid, lock_dir, queue, seconds):
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+    os.umask(0o022)
+    try:
+        hold(lock_dir, 2, queue, seconds)
+    except BaseException as exc:  # reported, so the test names it
+        queue.put((os.getpid(), f"error: {exc!r}", time.time()))
+        raise
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create users and switch to them")
+def test_two_users_share_the_gpus_without_sharing_one(tmp_path):
+    import stat
+    import tempfile
+
+    a, b = _user("vnp-lock-a"), _user("vnp-lock-b")
+    base = tempfile.mkdtemp(prefix="vnp-locks-", dir="/tmp")
+    os.chmod(base, 0o1777)  # as /tmp
+    lock_dir = os.path.join(base, "gpu-locks")  # made by the first user's job, as /tmp/virnucpro-gpu-locks is
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    first = ctx.Process(target=hold_as, args=(*a, lock_dir, q, 1.5))
+    first.start()
+    got = [q.get(timeout=10)]
+    others = [ctx.Process(target=hold_as, args=(*who, lock_dir, q, 0.3)) for who in (b, b, a)]
+    for p in others:
+        p.start()
+    for p in [first, *others]:
+        p.join(20)
+        assert p.exitcode == 0
+    got += [q.get(timeout=10) for _ in range(7)]
+    assert not [e for e in got if e[1].startswith("error")], got
+    held = {}
+    for pid, what, _ in sorted(got, key=lambda e: e[2]):
+        if what == "released":
+            held.pop(pid)
+        else:
+            assert what not in held.values(), f"{what} given to two jobs at once"
+            held[pid] = what
+    assert stat.S_IMODE(os.stat(lock_dir).st_mode) == 0o1777 and os.stat(lock_dir).st_uid == a[0]
+    files = sorted(os.listdir(lock_dir))
+    assert files == ["gpu-0.lock", "gpu-1.lock"]
+    assert all(stat.S_IMODE(os.stat(os.path.join(lock_dir, f)).st_mode) == 0o666 for f in files)

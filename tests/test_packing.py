@@ -77,3 +77,30 @@ def test_unknown_letters_become_unk(tiny_model):
     got = tok.pack_tokens(["AJA"], Pack(np.array([0]), np.array([0]), np.array([3])))
     a = tiny_model.alphabet
     assert got.tolist() == [a.cls_idx, a.get_idx("A"), a.unk_idx, a.get_idx("A"), a.eos_idx]
+
+
+def test_chunks_are_contiguous_record_ranges_packed_on_their_own():
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(20, 3000, 2000)
+    plan = build_plan(lengths, 8192, "split", 256, chunk_tokens=100_000)
+    bounds = plan.chunks
+    assert bounds[0] == 0 and bounds[-1] == len(lengths) and all(a < b for a, b in zip(bounds, bounds[1:]))
+    assert plan.n_chunks == plan.stats["chunks"] > 5
+    seen = []
+    for c in range(plan.n_chunks):
+        sub = plan.chunk(c)
+        tokens = sum(p.tokens for p in sub.packs)
+        assert tokens <= 100_000 + 4 * 1024  # a chunk ends with the record that crosses the bound (<= 4 windows here)
+        for p in sub.packs:
+            assert p.records.min() >= 0 and p.records.max() < sub.n_records
+            seen += [(int(r) + bounds[c], int(s)) for r, s in zip(p.records, p.starts)]
+    whole = build_plan(lengths, 8192, "split", 256)
+    assert sorted(seen) == sorted((int(r), int(s)) for p in whole.packs for r, s in zip(p.records, p.starts))
+    assert [len(p.lengths) for p in plan.packs] == [len(p.lengths) for c in range(plan.n_chunks) for p in plan.chunk(c).packs]
+
+
+def test_chunks_survive_save_and_load(tmp_path):
+    plan = build_plan(np.full(500, 300), 4096, "truncate", 0, chunk_tokens=20_000)
+    save_plan(plan, tmp_path / "p.parquet")
+    back = load_plan(tmp_path / "p.parquet")
+    assert back.chunks == plan.chunks and plan.n_chunks == 8

@@ -171,27 +171,68 @@ def test_split_policy_embeds_every_residue_of_long_records(tmp_path, rng):
 
 
 # ------------------------------------------------------------------ kill and resume
-def test_sigkill_during_embedding_then_rerun_gives_the_same_output(tmp_path):
-    ref, rc, text = workflow(tmp_path, [EXAMPLE], name="uninterrupted")
+def test_sigkill_mid_shard_loses_at_most_one_chunk_and_the_rerun_is_bit_identical(tmp_path):
+    chunked = "packing={chunk_tokens: 4096}"  # the example's 80k tokens in ~20 chunks
+    ref, rc, text = workflow(tmp_path, [EXAMPLE], chunked, name="uninterrupted")
     assert rc == 0, text[-3000:]
-    out, cmd, proc = workflow(tmp_path, [EXAMPLE], name="killed", background=True)
-    embed_log = out / "logs/embed_shard/shard_0000.log"
+    out, cmd, proc = workflow(tmp_path, [EXAMPLE], chunked, name="killed", background=True)
+    chunk_dir = out / "embeddings/shard_0000.parquet.chunks"
     deadline = time.time() + 120
-    while not (embed_log.exists() and ": embed" in embed_log.read_text()):
-        assert proc.poll() is None and time.time() < deadline, "the workflow ended before embedding started"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # snakemake and its running job, mid-embedding
+    while not list(chunk_dir.glob("*.parquet")):
+        assert proc.poll() is None and time.time() < deadline, "the workflow ended before the first chunk was written"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # snakemake and its running job, mid-shard
     proc.wait()
+    done = len(list(chunk_dir.glob("*.parquet")))
+    total = pq.read_schema(out / "plans/shard_0000.parquet").metadata[b"virnucpro_plan"]
+    total = len(json.loads(total)["chunks"]) - 1
+    assert total >= 10 and 1 <= done < total
     assert not (out / "embeddings.parquet").exists()
-    partial = out / "embeddings/shard_0000.parquet"
-    assert not partial.exists() or pq.read_table(partial).num_rows == 300  # never a partial file under the final name
+    assert not (out / "embeddings/shard_0000.parquet").exists()  # never a partial file under the final name
     unlock = subprocess.run([*cmd, "--unlock"], cwd=ROOT, capture_output=True, text=True)
     assert unlock.returncode == 0
     res = subprocess.run([*cmd, "--rerun-incomplete"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    log = (out / "logs/embed_shard/shard_0000.log").read_text()
+    assert f"resuming: {done} of {total} chunks already done" in log  # only the chunk in flight was lost
+    assert not chunk_dir.exists()
     a, b = pq.read_table(ref / "embeddings.parquet"), pq.read_table(out / "embeddings.parquet")
     assert a.column_names == b.column_names and a["id"].to_pylist() == b["id"].to_pylist()
     np.testing.assert_array_equal(column_array(a, "embedding"), column_array(b, "embedding"))
+
+
+def test_a_failed_embed_job_resumes_from_its_chunks_and_discards_chunks_of_other_options(tmp_path, monkeypatch):
+    d = tmp_path / "c"
+    opts = cpu_options(d, shards=1, **{"packing.chunk_tokens": 8192})
+    shard.run([str(EXAMPLE)], d / "shards", opts)
+    s, p, out = d / "shards/shard_0000.parquet", d / "plan.parquet", d / "emb.parquet"
+    plan.run(s, p, None, opts)
+    first = embed.run(s, p, str(MODEL), out, opts)
+    assert first["chunks"] >= 5 and first["resumed_chunks"] == 0 and first["records"] == 300
+    ref = pq.read_table(out)
+    out.unlink()
+
+    calls, real = [], embed.Embedder.embed
+    def fail_on_third_chunk(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(embed.Embedder, "embed", fail_on_third_chunk)
+    with pytest.raises(RuntimeError, match="killed"):
+        embed.run(s, p, str(MODEL), out, opts)
+    monkeypatch.setattr(embed.Embedder, "embed", real)
+    assert not out.exists()
+    again = embed.run(s, p, str(MODEL), out, opts)
+    assert again["resumed_chunks"] == 2
+    assert pq.read_table(out).select(ref.column_names).equals(ref.select(ref.column_names))  # bit for bit
+
+    # a folder left by a job of other options (here float16 output) is not used
+    out.unlink()
+    other = embed.Chunks(out, embed.chunk_key(s, p, str(MODEL), opts.replace(**{"embedding.output_dtype": "float16"})))
+    files.write_table(ref.slice(0, 3), other.path(0))
+    third = embed.run(s, p, str(MODEL), out, opts)
+    assert third["resumed_chunks"] == 0 and pq.read_table(out)["embedding"].equals(ref["embedding"])
 
 
 # ------------------------------------------------------------------ determinism and accounting (in process)

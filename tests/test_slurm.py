@@ -28,7 +28,7 @@ TEST_ARGS = [
     "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1",
     "--seconds-between-status-checks", "2", "--slurm-no-account", "--slurm-keep-successful-logs",
     "--default-resources", "slurm_partition=gpu", "mem_mb=1000", "runtime=30", "cpus_per_task=1",
-    "--set-resources", *(f"{rule}:{k}={v}" for rule in ("shard_fasta", "packing_plan", "embed_shard", "spot_check", "merge")
+    "--set-resources", *(f"{rule}:{k}={v}" for rule in ("shard_fasta", "packing_plan", "embed_shard", "merge")
                          for k, v in (("mem_mb", 1000), ("cpus_per_task", 1))),
 ]
 

@@ -105,6 +105,24 @@ def test_logs_and_benchmarks_written(run):
     assert len(list((out / "benchmarks/embed_shard").glob("*.tsv"))) == 4
 
 
+@pytest.mark.slow
+def test_every_job_stays_within_the_memory_it_asks_for(run):
+    from virnucpro_core import resources
+    from virnucpro_core.options import Options
+
+    out, _, _ = run
+    mb = lambda p: Path(p).stat().st_size / 1e6  # noqa: E731 - Snakemake's input.size_mb
+    asked = {"shard_fasta": resources.shard_mb(mb(EXAMPLE)), "merge": resources.MERGE_MB}
+    for shard in sorted((out / "shards").glob("shard_*.parquet")):
+        asked[f"packing_plan/{shard.stem}"] = resources.plan_mb(mb(shard))
+        asked[f"embed_shard/{shard.stem}"] = resources.embed_mb(Options(), mb(MODEL), 64, mb(shard))
+    assert len(asked) == 10
+    for job, limit in asked.items():
+        bench = (out / "benchmarks" / f"{job}.tsv").read_text().splitlines()
+        max_rss = float(bench[1].split("\t")[2])
+        assert 0 < max_rss <= limit, f"{job}: peak {max_rss:.0f} MB over the {limit} MB it asks for"
+
+
 def test_lint_is_clean():
     res = snakemake("--lint")
     assert res.returncode == 0 and "Congratulations" in res.stdout + res.stderr, res.stdout + res.stderr

@@ -28,8 +28,8 @@ log = logging.getLogger("virnucpro_core")
 # the option keys (and sections) each stage reads
 STAGE_OPTIONS = {
     "shard": ("on_invalid", "input_type", "shards", "residues_per_shard", "nucleotide"),
-    "plan": ("packing", "long_sequences"),
-    "embed": ("model_dir", "embedding"),
+    "plan": ("packing", "long_sequences", "embedding"),
+    "embed": ("model_dir", "embedding", "long_sequences", "spot_check"),
     "spot-check": ("model_dir", "embedding", "long_sequences", "spot_check"),
     "merge": ("merge",),
 }
@@ -65,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--plan", required=True)
     s.add_argument("--model", required=True, help=PATH_KEYS["model"]["doc"])
     s.add_argument("--out", required=True)
+    s.add_argument("--spot-check", help="also spot-check the shard in this job, writing this TSV (and its .json)")
     _add_options(s, "embed")
 
     s = sub.add_parser("spot-check", help="compare a sample of a shard with the unpacked model")
@@ -149,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "embed":
         from .stages import embed
 
-        return _run("embed", lambda: embed.run(args.shard, args.plan, args.model, args.out, options_from_args(args)))
+        return _run("embed", lambda: embed.run(args.shard, args.plan, args.model, args.out, options_from_args(args),
+                                                          spot_check=args.spot_check))
     if args.stage == "spot-check":
         from .stages import spot_check
 
@@ -204,11 +206,7 @@ def job(smk: Any) -> None:
     elif smk.rule == "embed_shard":
         from .stages import embed as stage
 
-        name, work = "embed", lambda: stage.run(i.shard, i.plan, i.model, o[0], options)
-    elif smk.rule == "spot_check":
-        from .stages import spot_check as stage
-
-        name, work = "spot-check", lambda: stage.run(i.shard, i.embeddings, i.model, o.tsv, options)
+        name, work = "embed", lambda: stage.run(i.shard, i.plan, i.model, o.embeddings, options, spot_check=o.spot_check)
     elif smk.rule == "merge":
         from .stages import merge as stage
 

@@ -4,6 +4,11 @@ Each embedding job takes an exclusive ``flock`` on ``<lock_dir>/gpu-<id>.lock`` 
 free visible GPU and holds it until it exits. The kernel drops the lock when the process dies,
 so a crashed or killed job never leaves a stale lock. Under a scheduler (SLURM sets
 ``CUDA_VISIBLE_DEVICES`` for the job) the scheduler's choice is used as is.
+
+The lock folder is shared by every user of the machine: it is made world-writable with the
+sticky bit (as ``/tmp``), lock files are created readable and writable by all, and a lock file
+another user created is opened read-only if need be (``flock`` needs no write access), so two
+users' jobs never share a GPU and neither fails on the other's files.
 """
 
 from __future__ import annotations
@@ -35,6 +40,34 @@ def scheduler_assigned() -> bool:
     return "SLURM_JOB_ID" in os.environ and "CUDA_VISIBLE_DEVICES" in os.environ
 
 
+def shared_folder(folder: Path) -> Path:
+    """``folder``, created if need be as a folder every user can create files in (mode 1777)."""
+    if not folder.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(PermissionError):  # another user made it in between: theirs to set
+            folder.chmod(0o1777)
+    return folder
+
+
+def open_lock(path: Path) -> int:
+    """A descriptor of the lock file (created readable and writable by every user)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        with contextlib.suppress(PermissionError):
+            os.fchmod(fd, 0o666)  # past the umask; only the owner may, and needs to
+        return fd
+    except PermissionError:
+        pass
+    try:
+        return os.open(path, os.O_RDONLY)  # another user's lock file: flock works on a read-only descriptor
+    except (PermissionError, FileNotFoundError):
+        st = path.parent.stat()
+        raise RuntimeError(
+            f"cannot create or open the GPU lock file {path}: its folder belongs to user id {st.st_uid} with mode "
+            f"{oct(st.st_mode & 0o7777)}. Set embedding.lock_dir to a folder every user of this machine can write, "
+            f"or have its owner run: chmod 1777 {path.parent}") from None
+
+
 @contextlib.contextmanager
 def acquire_device(
     lock_dir: str | Path,
@@ -60,27 +93,27 @@ def acquire_device(
         log.info("device: cuda:0 (GPU %s assigned by the scheduler, job %s)", names[0], os.environ["SLURM_JOB_ID"])
         yield "cuda:0"
         return
-    lock_dir = Path(lock_dir)
-    lock_dir.mkdir(parents=True, exist_ok=True)
+    lock_dir = shared_folder(Path(lock_dir))
     waited = False
     while True:
         for index, name in enumerate(names):
-            fh = open(lock_dir / f"gpu-{name}.lock", "a+")
+            path = lock_dir / f"gpu-{name}.lock"
+            fd = open_lock(path)
             try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                fh.close()
+                os.close(fd)
                 continue
             try:
-                fh.seek(0)
-                fh.truncate()
-                fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-                fh.flush()
-                log.info("device: cuda:%d (GPU %s, lock %s)", index, name, fh.name)
+                with contextlib.suppress(OSError):  # who holds it, for people looking (read-only: another user's file)
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, f"pid {os.getpid()} user {os.getuid()} on {socket.gethostname()} since "
+                                  f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
+                log.info("device: cuda:%d (GPU %s, lock %s)", index, name, path)
                 yield f"cuda:{index}"
             finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-                fh.close()
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
             return
         if not waited:
             log.info("all %d visible GPUs are held by other jobs; waiting for one to come free", len(names))

@@ -172,8 +172,13 @@ class Embedder:
 
         tokens_done, t0, last = 0, time.perf_counter(), time.perf_counter()
         total_tokens = sum(p.tokens for p in plan.packs)
+        first_pack_s = None
         for pi, (pack, tokens, cu) in enumerate(prefetch(self.tokenizer, sequences, plan.packs, self.device)):
             self._run(pack, int(first_item[pi]), tokens, cu, outputs, sink)
+            if first_pack_s is None:  # includes compiling the kernels (or loading them from the cache)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                first_pack_s = time.perf_counter() - t0
             tokens_done += pack.tokens
             now = time.perf_counter()
             if now - last > progress_every:
@@ -206,6 +211,7 @@ class Embedder:
             "tokens": total_tokens,
             "seconds": elapsed,
             "tokens_per_s": total_tokens / elapsed if elapsed > 0 else 0.0,
+            "first_pack_seconds": first_pack_s,
             "device": str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
             "dtype": self.dtype_name,
             "attention_backend": self.backend,

@@ -66,6 +66,9 @@ class LongSequenceOptions(_Checked):
 @dataclass(frozen=True, kw_only=True)
 class PackingOptions(_Checked):
     token_budget: int = opt(65536, "tokens per pack (BOS and EOS included); at least 1024", minimum=1024)
+    chunk_tokens: int = opt(16_000_000, "tokens per chunk of a shard: the embed job writes each chunk as it finishes, "
+                            "and a killed job redoes at most one (about a minute of an H200 at 650M); with "
+                            "per_residue_layers at most 262144", minimum=1024)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,7 +84,8 @@ class EmbeddingOptions(_Checked):
                          choices=("auto", "flash_attn", "torch_varlen", "reference"))
     device: str = opt("auto", "auto (a free GPU, else the CPU), cuda (wait for a GPU), or cpu", choices=("auto", "cuda", "cpu"))
     lock_dir: str = opt("/tmp/virnucpro-gpu-locks", "machine-wide folder of per-GPU lock files, so concurrent jobs never share a GPU")
-    mem_mb: int = opt(32000, "memory (MB) of each GPU job, for cluster submission", minimum=1, job_resource=True)
+    mem_mb: int | None = opt(None, "memory (MB) of each GPU job, for cluster submission; null derives it from the model, "
+                             "the shard and the outputs", minimum=1, job_resource=True)
     runtime: int = opt(720, "minutes per GPU job, for cluster submission", minimum=1, job_resource=True)
 
 

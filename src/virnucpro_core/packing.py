@@ -3,6 +3,10 @@
 A plan is data: one row per item ``(pack, record, start, length)``, where ``record`` is
 the row of the record in its shard and ``[start, start + length)`` the residues the item
 embeds. Every item costs ``length + 2`` tokens (fair-esm's BOS and EOS).
+
+The records are cut into chunks, contiguous row ranges of about ``chunk_tokens`` tokens, packed
+each on its own: the embed stage writes a chunk's rows as soon as its packs are done, and a killed
+job resumes from its last complete chunk.
 """
 
 from __future__ import annotations
@@ -49,9 +53,24 @@ class Pack:
 @dataclass
 class Plan:
     budget: int  # tokens per pack
-    packs: list[Pack]
+    packs: list[Pack]  # in chunk order
     n_records: int
     stats: dict = field(default_factory=dict)
+    chunks: list[int] = field(default_factory=list)  # record bounds: chunk c is rows [chunks[c], chunks[c + 1])
+
+    def __post_init__(self) -> None:
+        if not self.chunks:
+            self.chunks = [0, self.n_records]
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.chunks) - 1
+
+    def chunk(self, c: int) -> "Plan":
+        """Chunk ``c`` as a plan of its own, its records numbered from 0."""
+        lo, hi = self.chunks[c], self.chunks[c + 1]
+        packs = [Pack(p.records - lo, p.starts, p.lengths) for p in self.packs if lo <= p.records[0] < hi]
+        return Plan(self.budget, packs, hi - lo)
 
     def efficiency(self) -> float:
         """Padding-free efficiency: real tokens / (budget x packs)."""
@@ -108,14 +127,26 @@ def first_fit_decreasing(sizes: np.ndarray, budget: int) -> np.ndarray:
     return bins
 
 
+def chunk_bounds(record_tokens: np.ndarray, chunk_tokens: int) -> list[int]:
+    """Record bounds of contiguous chunks: a chunk starts where the tokens before a record pass the
+    next multiple of ``chunk_tokens`` (so no chunk is much over it)."""
+    if len(record_tokens) == 0:
+        return [0, 0]
+    before = np.cumsum(record_tokens) - record_tokens
+    chunk = before // chunk_tokens
+    starts = np.flatnonzero(np.diff(chunk)) + 1
+    return [0, *starts.tolist(), len(record_tokens)]
+
+
 def build_plan(
     lengths: np.ndarray | list[int],
     budget: int,
     policy: str,
     overlap: int,
     max_residues: int = MAX_RESIDUES,
+    chunk_tokens: int | None = None,
 ) -> Plan:
-    """Plan packs for records of the given lengths (rows of one shard)."""
+    """Plan packs for records of the given lengths (rows of one shard), chunk by chunk."""
     if budget < max_residues + 2:
         raise ValueError(f"token budget {budget} is below one full sequence ({max_residues + 2} tokens)")
     rec, st, ln = [], [], []
@@ -125,12 +156,21 @@ def build_plan(
             st.append(s)
             ln.append(w)
     rec_a, st_a, ln_a = (np.asarray(x, dtype=np.int64) for x in (rec, st, ln))
-    bins = first_fit_decreasing(ln_a + 2, budget)
+    n_records = len(lengths)
+    chunks = chunk_bounds(np.bincount(rec_a, ln_a + 2, minlength=n_records).astype(np.int64), chunk_tokens) if chunk_tokens else [0, n_records]
+    # bins numbered chunk after chunk, so packs come in chunk order
+    bins = np.zeros(len(rec_a), dtype=np.int64)
+    item_bounds = np.searchsorted(rec_a, chunks)
+    offset = 0
+    for a, b in zip(item_bounds[:-1], item_bounds[1:]):
+        if b > a:
+            bins[a:b] = first_fit_decreasing(ln_a[a:b] + 2, budget) + offset
+            offset = int(bins[a:b].max()) + 1
     # packs in bin order (longest first); items within a pack in decreasing length
     order = np.lexsort((-ln_a, bins))
     bounds = np.flatnonzero(np.diff(bins[order])) + 1
     packs = [Pack(rec_a[i], st_a[i], ln_a[i]) for i in np.split(order, bounds)] if len(order) else []
-    plan = Plan(budget, packs, len(lengths))
+    plan = Plan(budget, packs, n_records, chunks=chunks)
     plan.stats = plan_stats(plan, np.asarray(lengths, dtype=np.int64))
     return plan
 
@@ -150,6 +190,7 @@ def plan_stats(plan: Plan, lengths: np.ndarray) -> dict:
         "tokens_per_pack_min": int(min(tokens, default=0)),
         "tokens_per_pack_median": float(np.median(tokens)) if tokens else 0.0,
         "efficiency": plan.efficiency(),
+        "chunks": plan.n_chunks,
     }
 
 
@@ -165,7 +206,7 @@ def save_plan(plan: Plan, path: str | Path) -> None:
             "length": pa.array(cat("lengths"), pa.int32()),
         }
     )
-    meta = {"budget": plan.budget, "n_records": plan.n_records, "stats": plan.stats}
+    meta = {"budget": plan.budget, "n_records": plan.n_records, "stats": plan.stats, "chunks": plan.chunks}
     write_table(table.replace_schema_metadata({"virnucpro_plan": json.dumps(meta)}), path)
 
 
@@ -176,4 +217,4 @@ def load_plan(path: str | Path) -> Plan:
     cols = [table[c].to_numpy().astype(np.int64) for c in ("record", "start", "length")]
     bounds = np.flatnonzero(np.diff(pack)) + 1
     packs = [Pack(*(c[s:e] for c in cols)) for s, e in zip(np.r_[0, bounds], np.r_[bounds, len(pack)]) if e > s]
-    return Plan(meta["budget"], packs, meta["n_records"], meta["stats"])
+    return Plan(meta["budget"], packs, meta["n_records"], meta["stats"], meta.get("chunks", []))

@@ -52,3 +52,16 @@ def column_array(table: pa.Table, name: str) -> np.ndarray:
     col = table[name].combine_chunks()
     dim = col.type.list_size
     return col.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
+def take_rows(path: str | Path, column: str, rows: list[int]) -> np.ndarray:
+    """Rows (sorted, distinct) of a fixed_size_list column, read a row group at a time."""
+    f = pq.ParquetFile(path, pre_buffer=False)
+    rows_a, out, first = np.asarray(rows, dtype=np.int64), [], 0
+    for g in range(f.num_row_groups):
+        n = f.metadata.row_group(g).num_rows
+        mine = rows_a[(rows_a >= first) & (rows_a < first + n)] - first
+        if len(mine):
+            out.append(column_array(f.read_row_group(g, columns=[column]), column)[mine])
+        first += n
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

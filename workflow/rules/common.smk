@@ -6,7 +6,7 @@ from snakemake.utils import validate
 
 # the options and the folder layout come from the core package (both import nothing heavy)
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
-from virnucpro_core import claim
+from virnucpro_core import claim, resources
 from virnucpro_core.checkpoint import check_for_model, inspect as checkpoint_shape
 from virnucpro_core.layout import SHARD_PATTERN, Layout
 from virnucpro_core.options import ESM2_MODELS, PATH_KEYS, Options
@@ -60,16 +60,24 @@ def claim_outdir():
         os.environ[claim.ENV] = claim.claim(OPTIONS.outdir)
 
 
-def model_layers():
-    """Layers of the configured model: from fair-esm's table, or the checkpoint's own index."""
+def model_shape():
+    """(layers, embed dim, checkpoint MB) of the configured model: from fair-esm's table, or the
+    checkpoint's own index."""
     model = config["model"]
     if model in ESM2_MODELS:
-        return ESM2_MODELS[model][0]
-    return checkpoint_shape(model_file()).layers
+        layers, dim, _ = ESM2_MODELS[model]
+        return layers, dim, 12 * layers * dim * dim * 4 / 1e6  # fp32 release file
+    shape = checkpoint_shape(model_file())
+    return shape.layers, shape.embed_dim, os.path.getsize(model_file()) / 1e6
 
 
+MODEL_LAYERS, MODEL_DIM, MODEL_MB = model_shape()
 # options that depend on the model fail here, before any job
-check_for_model(OPTIONS, model_layers())
+check_for_model(OPTIONS, MODEL_LAYERS)
+
+
+def embed_mem_mb(wildcards, input):
+    return resources.embed_mb(OPTIONS, MODEL_MB, MODEL_DIM, input.size_mb - MODEL_MB)
 
 
 def shard_names():

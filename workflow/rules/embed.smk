@@ -1,11 +1,16 @@
 rule embed_shard:
-    """Packed ESM-2 forward of one shard on one GPU (the CPU if none)."""
+    """Packed ESM-2 forward of one shard on one GPU (the CPU if none), written chunk by chunk
+    (a killed job resumes from its last chunk); then, on the same model, the spot-check: a
+    length-stratified sample re-embedded unpacked and compared with the packed result.
+    """
     input:
         shard=L.shard("{shard}"),
         plan=L.plan("{shard}"),
         model=model_file(),
     output:
-        L.shard_embeddings("{shard}"),
+        embeddings=L.shard_embeddings("{shard}"),
+        spot_check=L.spot_check("{shard}"),
+        spot_check_summary=L.spot_check_summary("{shard}"),
     log:
         L.log("embed_shard", "{shard}"),
     benchmark:
@@ -15,7 +20,7 @@ rule embed_shard:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=OPTIONS.embedding.mem_mb,
+        mem_mb=embed_mem_mb,
         runtime=OPTIONS.embedding.runtime,
     script:
         STAGE

@@ -16,7 +16,7 @@ rule merge:
     conda:
         "../../envs/virnucpro.yaml"
     resources:
-        mem_mb=16000,
+        mem_mb=resources.MERGE_MB,
         runtime=60,
     script:
         STAGE

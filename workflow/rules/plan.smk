@@ -12,7 +12,7 @@ rule packing_plan:
     conda:
         "../../envs/virnucpro.yaml"
     resources:
-        mem_mb=4000,
+        mem_mb=lambda wildcards, input: resources.plan_mb(input.size_mb),
         runtime=30,
     script:
         STAGE

@@ -11,7 +11,7 @@ checkpoint shard_fasta:
     conda:
         "../../envs/virnucpro.yaml"
     resources:
-        mem_mb=8000,
+        mem_mb=lambda wildcards, input: resources.shard_mb(input.size_mb),
         runtime=120,
     script:
         STAGE

@@ -1,19 +1,33 @@
-"""Stage 3: packed ESM-2 embeddings of one shard, following its plan, on one GPU (or the CPU)."""
+"""Stage 3: packed ESM-2 embeddings of one shard, following its plan, on one GPU (or the CPU).
+
+The plan cuts the shard into chunks (contiguous rows, about ``packing.chunk_tokens`` tokens each).
+Each chunk's rows are written to ``<out>.chunks/`` as soon as its packs are done, so host memory
+holds one chunk and a killed job redoes at most one chunk: a rerun finds the finished chunks
+(checked against a key of the shard, plan, checkpoint and options) and computes only the rest. The
+chunks are then streamed into ``out`` in row order, and the folder removed. With ``spot_check``,
+the spot-check runs in the same job on the model already on the GPU.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
+import os
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from .. import __version__
 from ..devices import acquire_device
-from ..embed import Embedder, Outputs
-from ..files import write_table
+from ..embed import EmbedResult, Embedder, Outputs
+from ..files import ROW_GROUP_BYTES, atomic_path, sha256, write_json, write_table
 from ..model import LoadedModel, load_model
 from ..options import Options
 from ..packing import load_plan
@@ -21,6 +35,8 @@ from ..parquet import embeddings_table
 from .shard import BOOKKEEPING, NUCLEOTIDE_COLUMNS, sequence_lengths
 
 log = logging.getLogger(__name__)
+
+CHUNK_META = b"virnucpro_chunk"
 
 
 def compute_dtype(device: str, dtype: str) -> str:
@@ -31,35 +47,138 @@ def compute_dtype(device: str, dtype: str) -> str:
     return dtype
 
 
-def run(shard: str | Path, plan: str | Path, model: str | LoadedModel, out: str | Path, options: Options) -> dict:
-    """Write the shard's embeddings Parquet: ``id``, ``length``, the embedding columns, and the
-    shard's bookkeeping columns for the merge."""
+def process_seconds() -> float | None:
+    """Seconds since this process started (Linux), so start-up counts the interpreter and imports too."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return float(Path("/proc/uptime").read_text().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def chunk_key(shard: str | Path, plan: str | Path, model: str | LoadedModel, options: Options) -> str:
+    """What a finished chunk was computed from; a chunk with another key is recomputed."""
     opts = options.embedding
-    shard_t = pq.read_table(shard)
-    sequences = shard_t["sequence"].to_pylist()
-    the_plan = load_plan(plan)
-    if the_plan.n_records != len(sequences):
-        raise ValueError(f"{plan} plans {the_plan.n_records} records but {shard} has {len(sequences)}")
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, options.model_dir)
-    with acquire_device(opts.lock_dir, opts.device) as dev:
-        dtype = compute_dtype(dev, opts.dtype)
-        embedder = Embedder(loaded, dev, dtype, opts.attention)
-        outputs = Outputs.resolve(loaded.num_layers, opts)
-        log.info(
-            "embedding %d records (%d packs of <= %d tokens) with %s on %s, %s, attention %s",
-            len(sequences), len(the_plan.packs), the_plan.budget, loaded.name, dev, dtype, embedder.backend,
-        )
-        result = embedder.embed(sequences, the_plan, outputs, ids=shard_t["id"].to_pylist())
-    np_dtype = {"float32": np.float32, "float16": np.float16}[opts.output_dtype]
+    if isinstance(model, LoadedModel):
+        model_id = model.sha256
+    elif Path(model).is_file():
+        model_id = sha256(model)
+    else:  # a fair-esm name: its release file
+        model_id = model
+    data = {"shard": sha256(shard), "plan": sha256(plan, cache=False), "model": model_id,
+            "embedding": {k: getattr(opts, k) for k in ("layers", "poolings", "per_residue_layers", "dtype", "output_dtype",
+                                                        "attention", "device")}}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+class Chunks:
+    """The folder of finished chunks ``<out>.chunks/NNNNN.parquet`` and the key they share."""
+
+    def __init__(self, out: Path, key: str) -> None:
+        self.dir = out.with_name(out.name + ".chunks")
+        self.key = key
+        key_file = self.dir / "key"
+        if self.dir.is_dir() and (not key_file.is_file() or key_file.read_text() != key):
+            log.info("%s: discarding chunks computed from other inputs or options", self.dir)
+            shutil.rmtree(self.dir)
+        if not self.dir.is_dir():
+            self.dir.mkdir(parents=True)
+            key_file.write_text(key)
+
+    def path(self, c: int) -> Path:
+        return self.dir / f"{c:05d}.parquet"
+
+    def done(self, c: int) -> dict | None:
+        """A finished chunk's metadata, or None (absent or unreadable: a killed write is never renamed into place)."""
+        try:
+            meta = pq.read_schema(self.path(c)).metadata or {}
+            return json.loads(meta[CHUNK_META])
+        except (OSError, KeyError, ValueError):
+            return None
+
+
+def _chunk_table(shard_t: pa.Table, lo: int, hi: int, result: EmbedResult, outputs_dtype: str, meta: dict) -> pa.Table:
+    np_dtype = {"float32": np.float32, "float16": np.float16}[outputs_dtype]
+    rows = shard_t.slice(lo, hi - lo)
     columns: dict = {c: v.astype(np_dtype) for c, v in result.pooled.items()}
     columns.update({c: [a.astype(np_dtype) for a in v] for c, v in result.per_residue.items()})
-    meta = provenance(loaded, outputs, dtype, opts.output_dtype, result.stats)
-    table = embeddings_table(shard_t["id"].to_pylist(), sequence_lengths(shard_t), columns, meta)
-    for col in BOOKKEEPING + [c for c in NUCLEOTIDE_COLUMNS if c in shard_t.column_names]:
-        table = table.append_column(col, shard_t[col])
-    write_table(table, out)
-    log.info("done: %s", json.dumps(result.stats))
-    return result.stats
+    table = embeddings_table(rows["id"].to_pylist(), sequence_lengths(rows), columns, meta)
+    for col in BOOKKEEPING + [c for c in NUCLEOTIDE_COLUMNS if c in rows.column_names]:
+        table = table.append_column(col, rows[col])
+    return table
+
+
+def run(shard: str | Path, plan: str | Path, model: str | LoadedModel, out: str | Path, options: Options,
+        spot_check: str | Path | None = None) -> dict:
+    """Write the shard's embeddings Parquet ``out``: ``id``, ``length``, the embedding columns, and
+    the shard's bookkeeping columns for the merge; with ``spot_check`` (a TSV path) also the spot-check."""
+    opts, out = options.embedding, Path(out)
+    shard_t = pq.read_table(shard)  # one shard: its sequences at a byte per residue
+    the_plan = load_plan(plan)
+    if the_plan.n_records != shard_t.num_rows:
+        raise ValueError(f"{plan} plans {the_plan.n_records} records but {shard} has {shard_t.num_rows}")
+    chunks = Chunks(out, chunk_key(shard, plan, model, options))
+    finished = {c: m for c in range(the_plan.n_chunks) if (m := chunks.done(c)) is not None}
+    todo = [c for c in range(the_plan.n_chunks) if c not in finished]
+    startup: dict = {}
+    if finished:
+        log.info("resuming: %d of %d chunks already done in %s", len(finished), the_plan.n_chunks, chunks.dir)
+    with contextlib.ExitStack() as stack:
+        if todo or spot_check:
+            t_load = time.perf_counter()
+            loaded = model if isinstance(model, LoadedModel) else load_model(model, options.model_dir)
+            dev = stack.enter_context(acquire_device(opts.lock_dir, opts.device))
+            dtype = compute_dtype(dev, opts.dtype)
+            embedder = Embedder(loaded, dev, dtype, opts.attention)
+            outputs = Outputs.resolve(loaded.num_layers, opts)
+            started = process_seconds()  # the interpreter, imports, model load and transfer
+            log.info("ready after %.1f s (model load and transfer %.1f s): %s on %s, %s, attention %s",
+                     started or float("nan"), time.perf_counter() - t_load, loaded.name, dev, dtype, embedder.backend)
+        for c in todo:
+            lo, hi = the_plan.chunks[c], the_plan.chunks[c + 1]
+            sub = the_plan.chunk(c)
+            log.info("chunk %d/%d: records %d-%d, %d packs of <= %d tokens", c + 1, the_plan.n_chunks, lo, hi, len(sub.packs),
+                     sub.budget)
+            result = embedder.embed(shard_t["sequence"].slice(lo, hi - lo).to_pylist(), sub, outputs,
+                                    ids=shard_t["id"].slice(lo, hi - lo).to_pylist())
+            if c == todo[0]:  # this job's start-up: process start to first pack, and the first pack (compilation)
+                startup = {"startup_seconds": started, "first_pack_seconds": result.stats["first_pack_seconds"]}
+            meta = provenance(loaded, outputs, embedder.dtype_name, opts.output_dtype)
+            table = _chunk_table(shard_t, lo, hi, result, opts.output_dtype, meta)
+            write_table(table.replace_schema_metadata({**table.schema.metadata, CHUNK_META: json.dumps(result.stats)}),
+                        chunks.path(c))
+            finished[c] = result.stats
+            done = sum(finished[k]["tokens"] for k in finished)
+            left = sum(s.tokens for s in the_plan.packs) - done
+            log.info("chunk %d/%d written: %d tokens of the shard done, %.0f tokens/s, ETA %.0f s", c + 1, the_plan.n_chunks,
+                     done, result.stats["tokens_per_s"], left / max(result.stats["tokens_per_s"], 1e-9))
+        stats = {**_assemble(chunks, the_plan.n_chunks, finished, out), **startup, "resumed_chunks": the_plan.n_chunks - len(todo)}
+        if spot_check:
+            from . import spot_check as check
+
+            stats["spot_check"] = check.run(shard, out, loaded, spot_check, options, embedder=embedder)
+    log.info("done: %s", json.dumps(stats))
+    return stats
+
+
+def _assemble(chunks: Chunks, n: int, finished: dict[int, dict], out: Path) -> dict:
+    """Stream the chunks into ``out`` in row order (one chunk in memory); their statistics summed."""
+    parts = [finished[c] for c in range(n)]
+    stats = {**parts[-1], **{k: sum(p[k] for p in parts) for k in ("records", "packs", "tokens", "seconds")}, "chunks": n}
+    stats["tokens_per_s"] = stats["tokens"] / stats["seconds"] if stats["seconds"] else 0.0
+    meta = dict(pq.read_schema(chunks.path(0)).metadata)
+    del meta[CHUNK_META]
+    meta[b"virnucpro"] = json.dumps({**json.loads(meta[b"virnucpro"]), "run": stats}, sort_keys=True).encode()
+    with atomic_path(out) as tmp:
+        writer = None
+        for c in range(n):
+            table = pq.read_table(chunks.path(c)).replace_schema_metadata(meta)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+            writer.write_table(table, row_group_size=max(1, int(ROW_GROUP_BYTES * table.num_rows / max(1, table.nbytes))))
+        writer.close()
+    shutil.rmtree(chunks.dir)
+    return stats
 
 
 def provenance(loaded: LoadedModel, outputs: Outputs, dtype: str, output_dtype: str, stats: dict | None = None) -> dict:

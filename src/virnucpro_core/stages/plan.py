@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 from ..files import write_json
 from ..options import Options
 from ..packing import build_plan, save_plan
+from ..resources import chunk_tokens
 from .shard import sequence_lengths
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,8 @@ def run(shard: str | Path, out: str | Path, stats_out: str | Path | None, option
     f = pq.ParquetFile(shard)  # lengths a row group at a time: the sequences are never all in memory
     lengths = np.concatenate([sequence_lengths(pa.table(b)) for b in f.iter_batches(columns=["sequence"])] or [np.zeros(0, np.int64)])
     long = options.long_sequences
-    plan = build_plan(lengths, options.packing.token_budget, long.policy, long.overlap)
+    plan = build_plan(lengths, options.packing.token_budget, long.policy, long.overlap,
+                      chunk_tokens=chunk_tokens(options))
     save_plan(plan, out)
     if stats_out:
         write_json(stats_out, plan.stats)

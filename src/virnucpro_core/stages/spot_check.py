@@ -7,6 +7,7 @@ minimum per-residue cosine and relative L2 of every window.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -19,10 +20,10 @@ from ..devices import acquire_device
 from ..embed import Embedder
 from ..equivalence import Thresholds, compare, cosine, downstream
 from ..files import write_json, write_tsv
-from ..model import load_model
+from ..model import LoadedModel, load_model
 from ..options import Options
 from ..packing import Pack, windows
-from ..parquet import column_array, read_metadata
+from ..parquet import read_metadata, take_rows
 from .embed import compute_dtype
 from .shard import sequence_lengths
 
@@ -46,14 +47,15 @@ def sample_by_length(lengths: np.ndarray, n: int, n_longest: int = 3) -> np.ndar
     return np.sort(np.unique(take))
 
 
-def run(shard: str | Path, embeddings: str | Path, model: str, out: str | Path, options: Options) -> dict:
+def run(shard: str | Path, embeddings: str | Path, model: str | LoadedModel, out: str | Path, options: Options,
+        embedder: Embedder | None = None) -> dict:
     """Write the per-record table to ``out`` (TSV) and a summary next to it (``.json``); raise
-    (``on_fail: error``) or warn when a record is below the thresholds."""
+    (``on_fail: error``) or warn when a record is below the thresholds. ``embedder``: the embed
+    job's own (the model already on its device), else the model is loaded here."""
     opts, long = options.spot_check, options.long_sequences
     shard_t = pq.read_table(shard)
-    emb_t = pq.read_table(embeddings, columns=["id", "embedding"])
     ids = shard_t["id"].to_pylist()
-    if ids != emb_t["id"].to_pylist():
+    if ids != pq.read_table(embeddings, columns=["id"])["id"].to_pylist():
         raise ValueError(f"{embeddings} does not hold the records of {shard} in order")
     seqs = shard_t["sequence"].to_pylist()
     rows = sample_by_length(sequence_lengths(shard_t), opts.sample).tolist()
@@ -61,12 +63,15 @@ def run(shard: str | Path, embeddings: str | Path, model: str, out: str | Path, 
         write_tsv(out, HEADER, [])
         write_json(Path(out).with_suffix(".json"), {"checked": 0, "failed": 0})
         return {"checked": 0, "failed": 0}
-    stored = column_array(emb_t, "embedding")
-    loaded = load_model(model, options.model_dir)
-    with acquire_device(options.embedding.lock_dir, options.embedding.device) as dev:
-        dtype = compute_dtype(dev, options.embedding.dtype)
+    stored = dict(zip(rows, take_rows(embeddings, "embedding", rows)))  # the sample only
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, options.model_dir)
+    with contextlib.ExitStack() as stack:
+        if embedder is None:
+            dev = stack.enter_context(acquire_device(options.embedding.lock_dir, options.embedding.device))
+            # one pack: not worth compiling
+            embedder = Embedder(loaded, dev, compute_dtype(dev, options.embedding.dtype), options.embedding.attention, compile=False)
+        dtype = embedder.dtype_name
         th = Thresholds.resolve(dtype, opts.pooled_cosine, opts.min_residue_cosine)
-        embedder = Embedder(loaded, dev, dtype, options.embedding.attention, compile=False)  # one pack: not worth compiling
         # the sample's windows, as the plan cut them, in one pack
         items = [(r, s, n) for r in rows for s, n in windows(len(seqs[r]), long.policy, long.overlap)]
         pack = Pack(*(np.array(c, dtype=np.int64) for c in zip(*items)))
@@ -87,7 +92,7 @@ def run(shard: str | Path, embeddings: str | Path, model: str, out: str | Path, 
         out_rows.append([ids[r], len(seqs[r]), f"{stored_cos:.10f}", f"{repacked:.10f}", f"{min_res:.10f}",
                          f"{max(metrics[i].rel_l2 for i in mine):.3e}", th.pooled_cosine, th.min_residue_cosine,
                          "pass" if ok else "FAIL"])
-    down = downstream(stored[rows].astype(np.float64), np.stack(ref_pooled))
+    down = downstream(np.stack([stored[r] for r in rows]).astype(np.float64), np.stack(ref_pooled))
     write_tsv(out, HEADER, out_rows)
     failed = [r for r in out_rows if r[-1] != "pass"]
     summary = {"checked": len(out_rows), "failed": len(failed), "dtype": dtype, "thresholds": th.as_dict(),

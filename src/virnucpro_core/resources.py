@@ -1,0 +1,48 @@
+"""Memory (MB) each rule asks the scheduler for, from what its job holds (no torch here: the
+workflow computes these when it builds the jobs). Measured peaks are in ``benchmarks/results/``."""
+
+from __future__ import annotations
+
+from .options import Options
+
+BASE_MB = 1000  # the interpreter, pyarrow and numpy
+TORCH_MB = 3000  # torch, CUDA context and kernels, the tokenised packs
+MIN_TOKENS_PER_RECORD = 100  # for the rows of a chunk: a chunk of very short records has the most rows
+COPIES = 3  # a chunk's outputs: device -> numpy -> Arrow (and its Parquet write)
+
+
+def shard_mb(input_mb: float) -> int:
+    """One shard's buffered rows (about 32 M residues), and the table of ids seen (about 32 bytes per
+    record, at most one record per 10 bytes of FASTA)."""
+    return int(BASE_MB + 200 + input_mb * 32 / 10)
+
+
+def plan_mb(shard_mb: float) -> int:
+    """The items of one shard and the first-fit tree (~100 bytes per item; a shard file holds ~0.6 byte
+    per residue, an item at least 20 residues)."""
+    return int(BASE_MB + shard_mb * 100 / 12)
+
+
+def embed_mb(options: Options, checkpoint_mb: float, embed_dim: int, shard_mb: float) -> int:
+    """The checkpoint (read once into host memory), the shard's sequences and ids (~2x its file),
+    and one chunk's outputs: pooled rows and per-residue states."""
+    if options.embedding.mem_mb is not None:
+        return options.embedding.mem_mb
+    columns = len(set((*options.embedding.layers, -1))) * len(set(("mean", *options.embedding.poolings)))
+    tokens = chunk_tokens(options)
+    pooled = tokens / MIN_TOKENS_PER_RECORD * embed_dim * 4 * columns
+    per_residue = tokens * embed_dim * 4 * len(options.embedding.per_residue_layers)
+    return int(BASE_MB + TORCH_MB + checkpoint_mb + 2 * shard_mb + COPIES * (pooled + per_residue) / 1e6)
+
+
+PER_RESIDUE_CHUNK_TOKENS = 262_144
+
+
+def chunk_tokens(options: Options) -> int:
+    """Per-residue states of a whole chunk are held in host memory: with any, chunks are smaller."""
+    if options.embedding.per_residue_layers:
+        return min(options.packing.chunk_tokens, PER_RESIDUE_CHUNK_TOKENS)
+    return options.packing.chunk_tokens
+
+
+MERGE_MB = BASE_MB + 1000  # batches of ~32 MiB and their Parquet pages
