@@ -117,7 +117,7 @@ def test_shards_stream_contiguous_balanced_and_deterministic(tmp_path):
     assert max(sums) - min(sums) <= 2 * max(lengths)
     again = shard.run([str(p)], tmp_path / "b", Options(shards=7))
     assert again["shard_records"] == man["shard_records"]
-    by_size = shard.run([str(p)], tmp_path / "c", Options(residues_per_shard=100_000))  # no first pass
+    by_size = shard.run([str(p)], tmp_path / "c", Options(residues_per_shard=100_000))  # shards: null, no first pass
     assert by_size["shards"] == -(-sum(lengths) // 100_000) and sum(by_size["shard_records"]) == 1000
 
 

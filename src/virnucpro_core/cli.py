@@ -193,7 +193,8 @@ def job(smk: Any) -> None:
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
     _logging()
     config = dict(smk.config)
-    options = Options.from_dict(config, ignore=tuple(PATH_KEYS))
+    # a rule's params are options the workflow set for this job (e.g. residues_per_shard for the GPUs given)
+    options = Options.from_dict(config, ignore=tuple(PATH_KEYS)).replace(**dict(smk.params.items()))
     i, o = smk.input, smk.output
     if smk.rule == "shard_fasta":
         from .stages import shard as stage

@@ -114,8 +114,9 @@ class Options(_Checked):
     input_type: str = opt("protein", "protein FASTA, or nucleotide reads/contigs translated in windows and frames (VirNucPro)",
                           choices=("protein", "nucleotide"))
     nucleotide: NucleotideOptions = section(NucleotideOptions, "nucleotide input: windows, frames, genetic code, stops")
-    shards: int = opt(4, "number of shards, one embedding job each (ignored when residues_per_shard is set)", minimum=1)
-    residues_per_shard: int | None = opt(None, "cut shards of about this many residues instead of a fixed count", minimum=1)
+    shards: int | None = opt(None, "number of shards, one embedding job each; null cuts them by residues_per_shard", minimum=1)
+    residues_per_shard: int = opt(100_000_000, "residues per shard when shards is null (about 6 minutes of an H200 at "
+                                  "650M); with --resources gpu=N at most 1/N of the input, so every GPU gets a shard", minimum=1)
     long_sequences: LongSequenceOptions = section(LongSequenceOptions, "sequences over ESM-2's 1022 residues")
     packing: PackingOptions = section(PackingOptions, "packs of sequences for the packed forward")
     embedding: EmbeddingOptions = section(EmbeddingOptions, "what is computed and written, and where")

@@ -41,6 +41,18 @@ def input_fastas():
     return files
 
 
+def residues_per_shard():
+    """With shards: null and --resources gpu=N, shards of at most 1/N of the input (its bytes
+    bound its residues), so every GPU gets one."""
+    gpus = workflow.global_resources.get("gpu")
+    gpus = getattr(gpus, "value", gpus)
+    per = OPTIONS.residues_per_shard
+    if isinstance(gpus, int) and gpus > 1:
+        size = sum(os.path.getsize(f) for f in input_fastas())
+        per = max(1, min(per, -(-size // gpus)))
+    return per
+
+
 def model_file(wildcards=None):
     """A named model comes from fetch_model; a checkpoint path is used as is."""
     model = config["model"]

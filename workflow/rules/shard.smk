@@ -13,5 +13,7 @@ checkpoint shard_fasta:
     resources:
         mem_mb=lambda wildcards, input: resources.shard_mb(input.size_mb),
         runtime=120,
+    params:
+        residues_per_shard=residues_per_shard(),
     script:
         STAGE

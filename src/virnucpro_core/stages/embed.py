@@ -31,13 +31,10 @@ from ..files import ROW_GROUP_BYTES, atomic_path, sha256, write_json, write_tabl
 from ..model import LoadedModel, load_model
 from ..options import Options
 from ..packing import load_plan
-from ..parquet import embeddings_table
+from ..parquet import embeddings_table, read_metadata
 from .shard import BOOKKEEPING, NUCLEOTIDE_COLUMNS, sequence_lengths
 
 log = logging.getLogger(__name__)
-
-CHUNK_META = b"virnucpro_chunk"
-
 
 def compute_dtype(device: str, dtype: str) -> str:
     """The CPU computes in float32 whatever the configured GPU dtype."""
@@ -89,10 +86,9 @@ class Chunks:
         return self.dir / f"{c:05d}.parquet"
 
     def done(self, c: int) -> dict | None:
-        """A finished chunk's metadata, or None (absent or unreadable: a killed write is never renamed into place)."""
+        """A finished chunk's statistics, or None (absent or unreadable: a killed write is never renamed into place)."""
         try:
-            meta = pq.read_schema(self.path(c)).metadata or {}
-            return json.loads(meta[CHUNK_META])
+            return read_metadata(self.path(c))["run"]
         except (OSError, KeyError, ValueError):
             return None
 
@@ -120,7 +116,6 @@ def run(shard: str | Path, plan: str | Path, model: str | LoadedModel, out: str 
     chunks = Chunks(out, chunk_key(shard, plan, model, options))
     finished = {c: m for c in range(the_plan.n_chunks) if (m := chunks.done(c)) is not None}
     todo = [c for c in range(the_plan.n_chunks) if c not in finished]
-    startup: dict = {}
     if finished:
         log.info("resuming: %d of %d chunks already done in %s", len(finished), the_plan.n_chunks, chunks.dir)
     with contextlib.ExitStack() as stack:
@@ -128,12 +123,14 @@ def run(shard: str | Path, plan: str | Path, model: str | LoadedModel, out: str 
             t_load = time.perf_counter()
             loaded = model if isinstance(model, LoadedModel) else load_model(model, options.model_dir)
             dev = stack.enter_context(acquire_device(opts.lock_dir, opts.device))
+            t_device = time.perf_counter()
             dtype = compute_dtype(dev, opts.dtype)
             embedder = Embedder(loaded, dev, dtype, opts.attention)
             outputs = Outputs.resolve(loaded.num_layers, opts)
             started = process_seconds()  # the interpreter, imports, model load and transfer
-            log.info("ready after %.1f s (model load and transfer %.1f s): %s on %s, %s, attention %s",
-                     started or float("nan"), time.perf_counter() - t_load, loaded.name, dev, dtype, embedder.backend)
+            log.info("ready %.1f s after the process started (checkpoint read %.1f s, onto the device %.1f s): %s on %s, %s, "
+                     "attention %s", started or float("nan"), t_device - t_load, time.perf_counter() - t_device, loaded.name, dev,
+                     dtype, embedder.backend)
         for c in todo:
             lo, hi = the_plan.chunks[c], the_plan.chunks[c + 1]
             sub = the_plan.chunk(c)
@@ -141,18 +138,17 @@ def run(shard: str | Path, plan: str | Path, model: str | LoadedModel, out: str 
                      sub.budget)
             result = embedder.embed(shard_t["sequence"].slice(lo, hi - lo).to_pylist(), sub, outputs,
                                     ids=shard_t["id"].slice(lo, hi - lo).to_pylist())
-            if c == todo[0]:  # this job's start-up: process start to first pack, and the first pack (compilation)
-                startup = {"startup_seconds": started, "first_pack_seconds": result.stats["first_pack_seconds"]}
-            meta = provenance(loaded, outputs, embedder.dtype_name, opts.output_dtype)
-            table = _chunk_table(shard_t, lo, hi, result, opts.output_dtype, meta)
-            write_table(table.replace_schema_metadata({**table.schema.metadata, CHUNK_META: json.dumps(result.stats)}),
-                        chunks.path(c))
+            result.stats["startup_seconds"] = started if c == todo[0] else None
+            meta = provenance(loaded, outputs, embedder.dtype_name, opts.output_dtype, result.stats)
+            write_table(_chunk_table(shard_t, lo, hi, result, opts.output_dtype, meta), chunks.path(c))
             finished[c] = result.stats
             done = sum(finished[k]["tokens"] for k in finished)
             left = sum(s.tokens for s in the_plan.packs) - done
             log.info("chunk %d/%d written: %d tokens of the shard done, %.0f tokens/s, ETA %.0f s", c + 1, the_plan.n_chunks,
                      done, result.stats["tokens_per_s"], left / max(result.stats["tokens_per_s"], 1e-9))
-        stats = {**_assemble(chunks, the_plan.n_chunks, finished, out), **startup, "resumed_chunks": the_plan.n_chunks - len(todo)}
+        stats = {**_assemble(chunks, the_plan.n_chunks, finished, out), "resumed_chunks": the_plan.n_chunks - len(todo),
+                 # this job's start-up: process start to its first pack, then that pack (compilation)
+                 **{k: finished[todo[0]][k] if todo else None for k in ("startup_seconds", "first_pack_seconds")}}
         if spot_check:
             from . import spot_check as check
 
@@ -162,21 +158,24 @@ def run(shard: str | Path, plan: str | Path, model: str | LoadedModel, out: str 
 
 
 def _assemble(chunks: Chunks, n: int, finished: dict[int, dict], out: Path) -> dict:
-    """Stream the chunks into ``out`` in row order (one chunk in memory); their statistics summed."""
+    """The chunks, in row order, into ``out`` (one chunk in memory; a single chunk is renamed), with
+    their statistics summed."""
     parts = [finished[c] for c in range(n)]
     stats = {**parts[-1], **{k: sum(p[k] for p in parts) for k in ("records", "packs", "tokens", "seconds")}, "chunks": n}
     stats["tokens_per_s"] = stats["tokens"] / stats["seconds"] if stats["seconds"] else 0.0
-    meta = dict(pq.read_schema(chunks.path(0)).metadata)
-    del meta[CHUNK_META]
-    meta[b"virnucpro"] = json.dumps({**json.loads(meta[b"virnucpro"]), "run": stats}, sort_keys=True).encode()
-    with atomic_path(out) as tmp:
-        writer = None
-        for c in range(n):
-            table = pq.read_table(chunks.path(c)).replace_schema_metadata(meta)
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
-            writer.write_table(table, row_group_size=max(1, int(ROW_GROUP_BYTES * table.num_rows / max(1, table.nbytes))))
-        writer.close()
+    if n == 1:
+        os.replace(chunks.path(0), out)
+    else:
+        meta = dict(pq.read_schema(chunks.path(0)).metadata)
+        meta[b"virnucpro"] = json.dumps({**json.loads(meta[b"virnucpro"]), "run": stats}, sort_keys=True).encode()
+        with atomic_path(out) as tmp:
+            writer = None
+            for c in range(n):
+                table = pq.read_table(chunks.path(c)).replace_schema_metadata(meta)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+                writer.write_table(table, row_group_size=max(1, int(ROW_GROUP_BYTES * table.num_rows / max(1, table.nbytes))))
+            writer.close()
     shutil.rmtree(chunks.dir)
     return stats
 

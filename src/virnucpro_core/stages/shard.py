@@ -3,8 +3,8 @@
 A shard is a Parquet table with columns ``order id file record sequence`` (and, for nucleotide
 input, ``parent_id window_start window_end frame``), one row per record to embed, in input order:
 ``order`` numbers the rows of the whole run 0, 1, 2..., ``file`` and ``record`` name the input record.
-Records stream from the FASTA files to the shard files; with ``shards: N`` (not
-``residues_per_shard``) a first pass totals the residues, so the shards come out balanced.
+Records stream from the FASTA files to the shard files, cut every ``residues_per_shard`` residues;
+with ``shards: N`` instead a first pass totals the residues, so N shards come out balanced.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def run(inputs: list[str], outdir: str | Path, options: Options) -> dict:
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     inputs = unique_inputs(inputs)
-    if options.residues_per_shard:
+    if options.shards is None:
         writer = _ShardWriter(outdir, options.residues_per_shard, 1, None, options.input_type == "nucleotide")
     else:
         total = _total_residues(inputs, options)
