@@ -145,7 +145,8 @@ def profile_engine(emb, seqs, plan, outputs) -> dict:
         emb.embed(seqs, plan, outputs, progress_every=1e9)
         torch.cuda.synchronize()
     wall = time.perf_counter() - t
-    kinds = {"gemm": ("gemm", "cutlass", "nvjet", "xmma", "cublas", "sm90_"), "attention": ("flash", "fmha", "attention"),
+    # attention first: FlashAttention-3 kernels are CUTLASS kernels, named like GEMMs
+    kinds = {"attention": ("flash", "fmha", "attention"), "gemm": ("gemm", "cutlass", "nvjet", "xmma", "cublas", "sm90_"),
              "element-wise, norm, rotary (Triton, fused)": ("triton",), "copies": ("memcpy", "memset", "copy")}
     totals: dict[str, float] = {}
     for e in prof.key_averages():
