@@ -26,7 +26,7 @@ def snakemake(*args, cwd=ROOT):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("wf") / "results"
-    cfg = [f"input={EXAMPLE}", f"model={MODEL}", f"outdir={out}", f"embedding={{'lock_dir': '{out.parent / 'locks'}'}}"]
+    cfg = [f"input={EXAMPLE}", f"model={MODEL}", f"outdir={out}", "shards=4", f"embedding={{'lock_dir': '{out.parent / 'locks'}'}}"]
     res = snakemake("--cores", "2", "--resources", "gpu=1", "--config", *cfg)
     assert res.returncode == 0, res.stderr[-5000:]
     return out, cfg, res
