@@ -24,6 +24,14 @@ onstart:
     claim_outdir()
 
 
+onsuccess:
+    summarise(True)
+
+
+onerror:
+    summarise(False)
+
+
 rule all:
     default_target: True
     input:

@@ -241,6 +241,21 @@ def test_model_dependent_options_fail_before_any_job(tmp_path):
     assert res.returncode != 0 and "config 'embedding.layers': layer 40 is out of range for a model of 2 layers" in text
 
 
+def test_a_named_model_absent_offline_stops_before_any_job_in_one_line(tmp_path):
+    cfg = tmp_path / "run.yaml"  # as a user's edited config: no --config on the command line
+    cfg.write_text(yaml.safe_dump({"input": "resources/example/proteins.faa", "model": "esm2_t33_650M_UR50D",
+                                   "model_dir": str(tmp_path / "models"), "outdir": str(tmp_path / "out")}))
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    res = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", "--configfile", str(cfg)], cwd=ROOT,
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 1
+    lines = [line for line in res.stderr.splitlines() if not line.startswith("Config file config/config.yaml is extended")]
+    assert lines[0].startswith(f"virnucpro: model esm2_t33_650M_UR50D is not in {tmp_path / 'models'}/ or "
+                               f"{tmp_path / 'torch/hub/checkpoints'}/ and cannot be downloaded here"), res.stderr
+    assert "fetch-model esm2_t33_650M_UR50D" in lines[0] and "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()  # no job ran
+
+
 def test_a_changed_input_is_caught_by_the_merge(tmp_path):
     from virnucpro_core.stages import embed, merge, plan
 

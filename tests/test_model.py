@@ -97,6 +97,8 @@ def test_named_model_uses_fair_esm_url_and_cache(tmp_path, monkeypatch):
             torch.save({"model": {}}, dst)
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    monkeypatch.setattr("virnucpro_core.model.unreachable", lambda url: None)  # as if online
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     loaded = load_model("esm2_t6_8M_UR50D", tmp_path)
     assert loaded.num_layers == 6 and loaded.embed_dim == 320
     assert calls == [
@@ -147,3 +149,22 @@ def test_empty_files_and_bad_companions_are_named(tmp_path):
     with pytest.raises(CheckpointError, match="m-contact-regression.pt: not a fair-esm contact-regression file"):
         load_checkpoint(path)
     assert inspect(path).layers == 2  # the index alone is fine
+
+
+def test_named_model_found_in_torch_hubs_cache_is_used_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = tmp_path / "torch/hub/checkpoints/esm2_t6_8M_UR50D.pt"
+    save_checkpoint(build_esm2(6, 320, 20), cached)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("downloaded"))
+    loaded = load_model("esm2_t6_8M_UR50D", tmp_path / "models")
+    assert loaded.source == str(cached) and loaded.num_layers == 6
+
+
+def test_named_model_absent_and_offline_says_where_it_looked_and_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr("virnucpro_core.model.unreachable", lambda url: "[Errno -2] Name or service not known")
+    with pytest.raises(CheckpointError) as err:
+        load_model("esm2_t6_8M_UR50D", tmp_path / "models")
+    msg = str(err.value)
+    assert f"is not in {tmp_path / 'models'}/ or {tmp_path / 'torch/hub/checkpoints'}/" in msg
+    assert "fetch-model esm2_t6_8M_UR50D" in msg and "or set model to the path of a checkpoint" in msg

@@ -326,4 +326,10 @@ def test_dataset_output_reads_as_one_table_in_input_order(tmp_path):
     pf = pl.read_parquet(folder / "*.parquet")
     assert pf["id"].to_list() == ids and np.array_equal(pf["embedding"].to_numpy(), emb)
     rows = duckdb.sql(f"SELECT id, embedding FROM read_parquet('{folder}/*.parquet')").fetchall()
+    # README's nearest-neighbour query: DuckDB's cosine is numpy's
+    cos = duckdb.sql(f"SELECT b.id, list_cosine_similarity(a.embedding, b.embedding) FROM '{d / 'embeddings.parquet'}' a, "
+                     f"'{d / 'embeddings.parquet'}' b WHERE a.id = '{ids[0]}'").fetchall()
+    X = column_array(one, "embedding").astype(np.float64)
+    expected = X @ X[0] / (np.linalg.norm(X, axis=1) * np.linalg.norm(X[0]))
+    np.testing.assert_allclose([c for _, c in cos], expected[[ids.index(i) for i, _ in cos]], atol=1e-5)
     assert [r[0] for r in rows] == ids and np.allclose(np.array([r[1] for r in rows]), emb)

@@ -161,6 +161,13 @@ def test_report_holds_every_section(run, tmp_path):
         assert (figures / name).stat().st_size > 10_000, name
     provenance = (figures / "provenance.html").read_text()
     assert "checkpoint SHA-256" in provenance and "<td>attention backend</td><td>reference</td>" in provenance
+    # the example's 5 records over 1022 residues (3,813 residues beyond), counted and marked per record
+    assert "<td>truncated records</td><td>5, 3813 residues not embedded" in provenance
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["truncated"] == {"records": 5, "residues_not_embedded": 3813} and summary["wall_seconds"] > 0
+    t = pq.read_table(out / "embeddings.parquet", columns=["length", "embedded_residues"])
+    length, embedded = t["length"].to_numpy(), t["embedded_residues"].to_numpy()
+    assert (embedded == np.minimum(length, 1022)).all() and (embedded < length).sum() == 5
     html = tmp_path / "report.html"
     res = snakemake("--report", str(html), "--config", *cfg)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -171,3 +178,55 @@ def test_report_holds_every_section(run, tmp_path):
                     "checkpoint checksum"):
         assert caption in text, caption
     assert not re.search(r'<script[^>]+src="http', text)  # self-contained
+
+
+@pytest.mark.slow
+def test_the_terminal_shows_a_summary_with_warnings_or_the_failing_jobs_own_error(tmp_path):
+    locks = f"embedding={{'lock_dir': '{tmp_path / 'locks'}'}}"
+    nuc = tmp_path / "looks_like_dna.faa"
+    nuc.write_text(">n1\nACGTACGTACGTAGCTAGCTAGCATCGATCGATCGA\n>n2\nMKVLAAGGTTCCAAGGTTAACCGGTTAACCGGTT\n")
+    res = snakemake("--cores", "2", "--resources", "gpu=2", "--config", f"input={nuc}", f"model={MODEL}",
+                    f"outdir={tmp_path / 'ok'}", locks)
+    text = res.stdout + res.stderr
+    assert res.returncode == 0, text[-3000:]
+    assert "virnucpro: progress of each embed job" in text and f"{tmp_path / 'ok'}/logs/embed_shard/<shard>.log" in text
+    summary = text[text.index("virnucpro: done in"):]
+    assert "records in 2: embedded 2, skipped 0" in summary and "truncated records: 0, 0 residues" in summary
+    assert "GPUs were asked for (--resources gpu=2) but 2 of 2 embed jobs ran on the CPU" in summary  # one shard per GPU asked for
+    assert "this looks like a nucleotide file" in summary
+
+    bad = tmp_path / "bad.faa"
+    bad.write_text(">a\nMKV\n>b\nMK1V\n")
+    res = snakemake("--cores", "2", "--config", f"input={bad}", f"model={MODEL}", f"outdir={tmp_path / 'bad'}", locks)
+    text = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert f"virnucpro: the run failed\n  {tmp_path / 'bad'}/logs/shard_fasta.log: {bad}: record 2 (b): illegal character '1'" in text
+
+
+@pytest.mark.slow
+def test_extract_gives_the_workflows_embeddings_in_one_command(run, tmp_path):
+    from virnucpro_core.cli import main
+
+    out, _, _ = run
+    assert main(["extract", str(MODEL), str(EXAMPLE), str(tmp_path / "x"), "--shards", "4", "--embedding.device", "cpu"]) == 0
+    a, b = pq.read_table(out / "embeddings.parquet"), pq.read_table(tmp_path / "x/embeddings.parquet")
+    assert a.column_names == b.column_names and a["id"].to_pylist() == b["id"].to_pylist()
+    np.testing.assert_array_equal(column_array(a, "embedding"), column_array(b, "embedding"))
+    assert json.loads((tmp_path / "x/summary.json").read_text())["spot_check_failed"] == 0
+
+
+def test_extract_maps_esm_extracts_flags(tmp_path):
+    from virnucpro_core.cli import main
+
+    args = ["extract", str(MODEL), str(EXAMPLE), str(tmp_path / "x"), "--repr_layers", "1", "-1", "--include", "mean", "bos",
+            "per_tok", "--truncation_seq_length", "500", "--toks_per_batch", "4096", "--nogpu", "--spot_check.sample", "2"]
+    assert main(args) == 0
+    t = pq.read_table(tmp_path / "x/embeddings.parquet")
+    assert t.column_names == ["id", "length", "embedded_residues", "embedding", "embedding_mean_l1", "embedding_bos_l1",
+                              "embedding_bos_l2", "per_residue_l1", "per_residue_l2"]
+    length, embedded = t["length"].to_numpy(), t["embedded_residues"].to_numpy()
+    assert (embedded == np.minimum(length, 500)).all()
+    assert [len(x) for x in t["per_residue_l2"].to_pylist()] == embedded.tolist()
+    summary = json.loads((tmp_path / "x/summary.json").read_text())
+    assert summary["truncated"]["records"] == int((length > 500).sum()) > 5
+    assert main(["extract", str(MODEL), str(EXAMPLE), str(tmp_path / "y"), "--include", "contacts"]) == 1

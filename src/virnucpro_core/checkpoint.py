@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import pickle
 import re
 import zipfile
@@ -136,3 +137,43 @@ def check_for_model(options: Options, num_layers: int) -> None:
     e = options.embedding
     resolve_layers(e.layers, num_layers, "embedding.layers")
     resolve_layers(e.per_residue_layers, num_layers, "embedding.per_residue_layers")
+
+
+# ------------------------------------------------------------------ named models: where they are looked for
+MODEL_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
+REGRESSION_URL = "https://dl.fbaipublicfiles.com/fair-esm/regression/{name}-contact-regression.pt"
+
+
+def hub_checkpoints() -> Path:
+    """torch hub's checkpoint cache, where fair-esm's own loader puts its downloads (as
+    ``torch.hub.get_dir()`` finds it: $TORCH_HOME, else $XDG_CACHE_HOME/torch, else ~/.cache/torch)."""
+    home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch")
+    return Path(home) / "hub" / "checkpoints"
+
+
+def find_named(name: str, model_dir: str | Path) -> Path | None:
+    """The release file of a fair-esm model name: in ``model_dir``, then in torch hub's cache."""
+    for folder in (Path(model_dir), hub_checkpoints()):
+        if (folder / f"{name}.pt").is_file():
+            return folder / f"{name}.pt"
+    return None
+
+
+def unreachable(url: str, timeout: float = 5.0) -> str | None:
+    """Why ``url`` cannot be fetched now (no network, a proxy, DNS), or None when it can."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+        return None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return str(getattr(exc, "reason", exc))
+
+
+def missing_model_message(name: str, model_dir: str | Path, reason: str) -> str:
+    """One sentence: what is missing, where it was looked for, and what to do."""
+    return (f"model {name} is not in {model_dir}/ or {hub_checkpoints()}/ and cannot be downloaded here "
+            f"({MODEL_URL.format(name=name)}: {reason}); on a machine with network run "
+            f"`python -m virnucpro_core fetch-model {name} --model-dir {model_dir}` and copy {name}.pt into {model_dir}/, "
+            "or set model to the path of a checkpoint")

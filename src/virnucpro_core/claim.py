@@ -54,7 +54,7 @@ def claim(outdir: str | Path) -> str:
                            "or give this run another outdir") from None
     run_id = uuid.uuid4().hex[:12]  # a dead run's claim is simply replaced
     info = {"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname(), "cwd": os.getcwd(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "started_epoch": time.time()}
     write_json(d / CLAIM, info)
     _held[str(d)] = fh
     return run_id

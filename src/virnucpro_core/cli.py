@@ -32,6 +32,8 @@ STAGE_OPTIONS = {
     "embed": ("model_dir", "embedding", "long_sequences", "spot_check"),
     "spot-check": ("model_dir", "embedding", "long_sequences", "spot_check"),
     "merge": ("merge",),
+    "extract": ("model_dir", "on_invalid", "input_type", "shards", "residues_per_shard", "nucleotide", "long_sequences", "packing",
+                "embedding", "spot_check", "merge"),
 }
 
 
@@ -81,6 +83,20 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--spot-checks", nargs="*", default=[])
     s.add_argument("--out", required=True)
     _add_options(s, "merge")
+
+    s = sub.add_parser("extract", help="the whole pipeline in one process, like fair-esm's esm-extract",
+                       description="MODEL FASTA... OUTDIR: embeddings of every record in OUTDIR/embeddings.parquet (with "
+                                   "skipped.tsv, spot_check.tsv and summary.json), as the workflow writes them. esm-extract's "
+                                   "flags are accepted with - or _; every option of config/config.yaml is a flag too.")
+    s.add_argument("model", help=PATH_KEYS["model"]["doc"])
+    s.add_argument("fasta", nargs="+", help="FASTA file(s), plain or gzip")
+    s.add_argument("outdir")
+    s.add_argument("--repr-layers", "--repr_layers", type=int, nargs="+", default=[-1], help="layers (negative from the end)")
+    s.add_argument("--include", nargs="+", default=["mean"], help="mean, per_tok and/or bos (default: mean)")
+    s.add_argument("--truncation-seq-length", "--truncation_seq_length", type=int, default=1022)
+    s.add_argument("--toks-per-batch", "--toks_per_batch", type=int, help="tokens per pack (default 65536; at least 1024)")
+    s.add_argument("--nogpu", action="store_true", help="compute on the CPU")
+    _add_options(s, "extract")
 
     s = sub.add_parser("report", help="figures and tables of a finished run, for snakemake --report")
     s.add_argument("--outdir", required=True, help="the run's outdir")
@@ -162,6 +178,15 @@ def main(argv: list[str] | None = None) -> int:
         shards = Path(args.shard_dir)
         return _run("merge", lambda: merge.run(shards / "manifest.json", shards / "skipped.tsv", args.embeddings, args.spot_checks,
                                                args.out, options_from_args(args)))
+    if args.stage == "extract":
+        from .extract import esm_extract_options, extract
+
+        def work():
+            opts = esm_extract_options(options_from_args(args), args.repr_layers, args.include, args.truncation_seq_length,
+                                       args.toks_per_batch, args.nogpu)
+            extract(args.model, args.fasta, args.outdir, opts)
+
+        return _run("extract", work)
     if args.stage == "report":
         from .report import write_report_files
 

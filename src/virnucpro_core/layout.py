@@ -79,6 +79,10 @@ class Layout:
         return self._p("report", name)
 
     # every rule
+    @property
+    def logs(self) -> str:
+        return self._p("logs")
+
     def log(self, rule: str, name: str | None = None) -> str:
         return self._p("logs", rule, f"{name}.log") if name else self._p("logs", f"{rule}.log")
 

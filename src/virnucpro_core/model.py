@@ -19,14 +19,12 @@ import esm
 import torch
 from esm.model.esm2 import ESM2
 
-from .checkpoint import CheckpointError, shape_of, unreadable
+from .checkpoint import MODEL_URL, REGRESSION_URL, CheckpointError, find_named, missing_model_message, shape_of, unreadable, unreachable
 from .files import sha256
-from .options import ESM2_MODELS
+from .options import ESM2_MODELS, Options
 
 log = logging.getLogger(__name__)
 
-MODEL_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
-REGRESSION_URL = "https://dl.fbaipublicfiles.com/fair-esm/regression/{name}-contact-regression.pt"
 SAFE_GLOBALS = [argparse.Namespace]
 
 
@@ -133,22 +131,21 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
     return LoadedModel(model, model.alphabet, path.stem, str(path), sha256(path))
 
 
-def checkpoint_path(name: str, model_dir: str | Path | None = None) -> Path:
-    """Where fair-esm caches ``name`` (torch hub's checkpoints folder) or ``model_dir/name.pt``."""
-    folder = Path(model_dir) if model_dir else Path(torch.hub.get_dir()) / "checkpoints"
-    return folder / f"{name}.pt"
-
-
-def fetch_model(name: str, model_dir: str | Path | None = None) -> Path:
-    """Download fair-esm's release of ``name`` once (fair-esm's URLs, torch hub's downloader)."""
+def fetch_model(name: str, model_dir: str | Path) -> Path:
+    """The release file of ``name``: found in ``model_dir`` or torch hub's cache, else downloaded
+    once into ``model_dir`` (fair-esm's URLs, torch hub's downloader)."""
     if name not in ESM2_MODELS:
         raise CheckpointError(f"unknown model name {name!r}; known: {', '.join(ESM2_MODELS)}")
-    dest = checkpoint_path(name, model_dir)
+    found = find_named(name, model_dir)
+    if found:
+        return found
+    reason = unreachable(MODEL_URL.format(name=name))
+    if reason:
+        raise CheckpointError(missing_model_message(name, model_dir, reason))
+    dest = Path(model_dir) / f"{name}.pt"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    for url, target in (
-        (MODEL_URL.format(name=name), dest),
-        (REGRESSION_URL.format(name=name), dest.with_name(f"{name}-contact-regression.pt")),
-    ):
+    for url, target in ((MODEL_URL.format(name=name), dest),
+                        (REGRESSION_URL.format(name=name), dest.with_name(f"{name}-contact-regression.pt"))):
         if not target.is_file():
             log.info("downloading %s -> %s", url, target)
             torch.hub.download_url_to_file(url, str(target), progress=False)
@@ -158,7 +155,7 @@ def fetch_model(name: str, model_dir: str | Path | None = None) -> Path:
 def load_model(spec: str, model_dir: str | Path | None = None) -> LoadedModel:
     """``spec`` is a fair-esm model name (downloaded once, then cached) or a checkpoint path."""
     if spec in ESM2_MODELS:
-        return load_checkpoint(fetch_model(spec, model_dir))
+        return load_checkpoint(fetch_model(spec, model_dir or Options().model_dir))
     if spec.endswith(".pt") or Path(spec).exists():
         return load_checkpoint(spec)
     raise CheckpointError(f"model {spec!r} is neither a fair-esm ESM-2 name ({', '.join(ESM2_MODELS)}) nor a checkpoint file")

@@ -59,6 +59,8 @@ class NucleotideOptions(_Checked):
 class LongSequenceOptions(_Checked):
     policy: str = opt("truncate", "sequences over 1022 residues: truncate (fair-esm) or split into overlapping windows",
                       choices=("truncate", "split"))
+    max_residues: int = opt(1022, "residues per window: ESM-2's 1022 (its 1024 tokens less BOS and EOS), or fewer to truncate "
+                                  "earlier, as esm-extract's --truncation_seq_length", minimum=1, maximum=1022)
     overlap: int = opt(256, "residues shared by neighbouring windows with policy split (at most half a window, so no "
                             "residue is embedded more than twice)", minimum=0, maximum=511)
 

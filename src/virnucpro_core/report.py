@@ -209,9 +209,16 @@ def projection_figure(run: Layout, dest: str, sample: int = 5000, seed: int = 0)
 
 def provenance_rows(run: Layout, config: dict | None = None) -> list[dict]:
     meta = read_metadata(run.embeddings)
+    summary = json.loads(Path(run.summary).read_text())
+    truncated = summary.get("truncated", {})
     import pyarrow
 
     rows = [
+        ("records in / embedded / skipped", f"{summary['records_in']} / {summary['embedded_input_records']} / {summary['skipped']}"),
+        ("truncated records", f"{truncated.get('records', 0)}, {truncated.get('residues_not_embedded', 0)} residues not "
+                              "embedded (column embedded_residues)"),
+        ("workflow commit", summary.get("workflow_commit")),
+        ("wall time (s)", summary.get("wall_seconds")),
         ("model", meta.get("model")),
         ("checkpoint", meta.get("checkpoint")),
         ("checkpoint SHA-256", meta.get("checkpoint_sha256")),
@@ -225,6 +232,7 @@ def provenance_rows(run: Layout, config: dict | None = None) -> list[dict]:
         ("inputs", "; ".join(f"{i['file']} (sha256 {i['sha256'][:16]}...)" for i in meta.get("inputs", []))),
         ("virnucpro_core", __version__),
         ("torch", meta.get("torch")),
+        ("fair-esm", meta.get("fair_esm")),
         ("pyarrow", pyarrow.__version__),
         ("python", platform.python_version()),
     ]

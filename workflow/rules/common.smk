@@ -6,8 +6,15 @@ from snakemake.utils import validate
 
 # the options and the folder layout come from the core package (both import nothing heavy)
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
-from virnucpro_core import claim, resources
-from virnucpro_core.checkpoint import check_for_model, inspect as checkpoint_shape
+from virnucpro_core import claim, resources, run_summary
+from virnucpro_core.checkpoint import (
+    MODEL_URL,
+    check_for_model,
+    find_named,
+    inspect as checkpoint_shape,
+    missing_model_message,
+    unreachable,
+)
 from virnucpro_core.layout import SHARD_PATTERN, Layout
 from virnucpro_core.options import ESM2_MODELS, PATH_KEYS, Options
 
@@ -41,25 +48,45 @@ def input_fastas():
     return files
 
 
+def gpus_asked():
+    """N of --resources gpu=N (None when not given)."""
+    gpus = workflow.global_resources.get("gpu")
+    gpus = getattr(gpus, "value", gpus)
+    return gpus if isinstance(gpus, int) else None
+
+
 def residues_per_shard():
     """With shards: null and --resources gpu=N, shards of at most 1/N of the input (its bytes
     bound its residues), so every GPU gets one."""
-    gpus = workflow.global_resources.get("gpu")
-    gpus = getattr(gpus, "value", gpus)
+    gpus = gpus_asked()
     per = OPTIONS.residues_per_shard
-    if isinstance(gpus, int) and gpus > 1:
+    if gpus and gpus > 1:
         size = sum(os.path.getsize(f) for f in input_fastas())
         per = max(1, min(per, -(-size // gpus)))
     return per
 
 
+def stop(message):
+    """End the run before any job with one line (no traceback)."""
+    print(f"virnucpro: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
 def model_file(wildcards=None):
-    """A named model comes from fetch_model; a checkpoint path is used as is."""
+    """A named model: its release file in model_dir or torch hub's cache, else fetched by
+    fetch_model into model_dir, if the network allows; a checkpoint path is used as is.
+    """
     model = config["model"]
     if model in ESM2_MODELS:
+        found = find_named(model, OPTIONS.model_dir)
+        if found:
+            return str(found)
+        reason = unreachable(MODEL_URL.format(name=model))
+        if reason:
+            stop(missing_model_message(model, OPTIONS.model_dir, reason))
         return os.path.join(OPTIONS.model_dir, f"{model}.pt")
     if not os.path.isfile(model):
-        raise ValueError(
+        stop(
             f"config 'model': {model!r} is neither a fair-esm ESM-2 name "
             f"({', '.join(ESM2_MODELS)}) nor an existing checkpoint file"
         )
@@ -70,17 +97,26 @@ def claim_outdir():
     """One run per outdir (virnucpro_core.claim); jobs, also those run elsewhere, inherit the run id."""
     if claim.ENV not in os.environ:
         os.environ[claim.ENV] = claim.claim(OPTIONS.outdir)
+    print(run_summary.progress_hint(OPTIONS.outdir))
+
+
+def summarise(ok):
+    """The end of the run, in the terminal: what was done and any warnings, or why it failed."""
+    if ok:
+        print(run_summary.success(OPTIONS.outdir, gpus_asked()))
+    else:
+        print(run_summary.failure(OPTIONS.outdir), file=sys.stderr)
 
 
 def model_shape():
-    """(layers, embed dim, checkpoint MB) of the configured model: from fair-esm's table, or the
-    checkpoint's own index."""
-    model = config["model"]
-    if model in ESM2_MODELS:
-        layers, dim, _ = ESM2_MODELS[model]
-        return layers, dim, 12 * layers * dim * dim * 4 / 1e6  # fp32 release file
-    shape = checkpoint_shape(model_file())
-    return shape.layers, shape.embed_dim, os.path.getsize(model_file()) / 1e6
+    """(layers, embed dim, checkpoint MB) of the configured model: from the checkpoint's own
+    index, or fair-esm's table for a named model still to be downloaded."""
+    path = model_file()
+    if os.path.isfile(path):
+        shape = checkpoint_shape(path)
+        return shape.layers, shape.embed_dim, os.path.getsize(path) / 1e6
+    layers, dim, _ = ESM2_MODELS[config["model"]]
+    return layers, dim, 12 * layers * dim * dim * 4 / 1e6  # fp32 release file
 
 
 MODEL_LAYERS, MODEL_DIM, MODEL_MB = model_shape()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from ..embed import EmbedResult, Embedder, Outputs
 from ..files import ROW_GROUP_BYTES, atomic_path, sha256, write_json, write_table
 from ..model import LoadedModel, load_model
 from ..options import Options
-from ..packing import load_plan
+from ..packing import Plan, load_plan
 from ..parquet import embeddings_table, read_metadata
 from .shard import BOOKKEEPING, NUCLEOTIDE_COLUMNS, sequence_lengths
 
@@ -93,12 +94,18 @@ class Chunks:
             return None
 
 
-def _chunk_table(shard_t: pa.Table, lo: int, hi: int, result: EmbedResult, outputs_dtype: str, meta: dict) -> pa.Table:
+def _chunk_table(shard_t: pa.Table, lo: int, hi: int, sub: Plan, result: EmbedResult, outputs_dtype: str, meta: dict) -> pa.Table:
+    """Rows ``lo:hi`` of the shard: ``id``, ``length``, ``embedded_residues`` (fewer than ``length``:
+    truncated), the embedding columns and the bookkeeping columns."""
     np_dtype = {"float32": np.float32, "float16": np.float16}[outputs_dtype]
     rows = shard_t.slice(lo, hi - lo)
     columns: dict = {c: v.astype(np_dtype) for c, v in result.pooled.items()}
     columns.update({c: [a.astype(np_dtype) for a in v] for c, v in result.per_residue.items()})
     table = embeddings_table(rows["id"].to_pylist(), sequence_lengths(rows), columns, meta)
+    covered = np.zeros(hi - lo, np.int64)  # windows start at 0 and overlap: the last residue covered
+    for p in sub.packs:
+        np.maximum.at(covered, p.records, p.starts + p.lengths)
+    table = table.add_column(2, "embedded_residues", pa.array(covered, pa.int32()))
     for col in BOOKKEEPING + [c for c in NUCLEOTIDE_COLUMNS if c in rows.column_names]:
         table = table.append_column(col, rows[col])
     return table
@@ -140,7 +147,7 @@ def run(shard: str | Path, plan: str | Path, model: str | LoadedModel, out: str 
                                     ids=shard_t["id"].slice(lo, hi - lo).to_pylist())
             result.stats["startup_seconds"] = started if c == todo[0] else None
             meta = provenance(loaded, outputs, embedder.dtype_name, opts.output_dtype, result.stats)
-            write_table(_chunk_table(shard_t, lo, hi, result, opts.output_dtype, meta), chunks.path(c))
+            write_table(_chunk_table(shard_t, lo, hi, sub, result, opts.output_dtype, meta), chunks.path(c))
             finished[c] = result.stats
             done = sum(finished[k]["tokens"] for k in finished)
             left = sum(s.tokens for s in the_plan.packs) - done
@@ -193,5 +200,6 @@ def provenance(loaded: LoadedModel, outputs: Outputs, dtype: str, output_dtype: 
         "output_dtype": output_dtype,
         "virnucpro_core": __version__,
         "torch": torch.__version__,
+        "fair_esm": importlib.metadata.version("fair-esm"),
         **({"run": stats} if stats else {}),
     }

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from collections import Counter
@@ -24,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import claim
 from ..files import atomic_path, remove_stale, sha256, umask, write_json, write_tsv
 from ..layout import Layout
 from ..options import Options
@@ -49,6 +51,8 @@ class _Check:
         self.next_order = 0
         self.last: tuple[str, int] | None = None
         self.records = Counter()  # input file -> input records with at least one embedded row
+        self.truncated = 0  # rows embedded on fewer residues than they have
+        self.not_embedded = 0  # residues beyond the truncation
 
     def add(self, batch: pa.RecordBatch, where: str) -> None:
         order = batch.column("order").to_numpy()
@@ -58,6 +62,10 @@ class _Check:
             raise RuntimeError(f"merge check failed: {where} holds row {int(order[bad])} where row {int(expected[bad])} was "
                                "expected: records are missing, duplicated or out of input order")
         self.next_order += len(order)
+        if "embedded_residues" in batch.schema.names:
+            short = batch.column("length").to_numpy() - batch.column("embedded_residues").to_numpy()
+            self.truncated += int((short > 0).sum())
+            self.not_embedded += int(short.sum())
         files, numbers = batch.column("file").to_pylist(), batch.column("record").to_numpy()
         new = np.ones(len(numbers), dtype=bool)  # a row of a record that the previous row did not belong to
         if len(numbers):
@@ -109,12 +117,13 @@ def run(manifest: str | Path, skipped: str | Path, embeddings: list[str], spot_c
         problems = []
         if check.next_order != man["records"]:
             problems.append(f"{check.next_order} embedded rows, {man['records']} kept by the shard step")
-        skipped_per_file = Counter()
+        skipped_per_file, reasons = Counter(), Counter()
         with open(skipped, newline="") as src, atomic_path(out.skipped) as dst_path, open(dst_path, "w", newline="") as dst:
             w = csv.writer(dst, delimiter="\t", lineterminator="\n")
             w.writerow(SKIPPED_COLUMNS)
             for r in csv.DictReader(src, delimiter="\t"):
                 skipped_per_file[r["file"]] += 1
+                reasons[r["reason"]] += 1
                 w.writerow([r[c] for c in SKIPPED_COLUMNS])
         per_file = {}
         for f in man["inputs"]:
@@ -139,16 +148,33 @@ def run(manifest: str | Path, skipped: str | Path, embeddings: list[str], spot_c
         "embedded": check.next_order,
         "embedded_input_records": sum(check.records.values()),
         "skipped": sum(skipped_per_file.values()),
+        "skipped_by_reason": dict(reasons.most_common()),
+        "truncated": {"records": check.truncated, "residues_not_embedded": check.not_embedded},
         "per_file": per_file,
         "spot_checked": spot["checked"],
         "spot_check_failed": spot["failed"],
         "model": meta.get("model"),
         "output": options.merge.output,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **provenance(outdir),
     }
     write_json(out.summary, summary)
     log.info("merged %d rows (%d records skipped) into %s", check.next_order, summary["skipped"], final)
     return summary
+
+
+def provenance(outdir: str | Path) -> dict:
+    """The workflow's git commit and the run's wall time so far (from its claim on the outdir)."""
+    root = Path(__file__).resolve().parents[3]  # the checkout holding src/virnucpro_core
+    try:
+        res = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True,
+                             text=True, timeout=10)
+        commit = res.stdout.strip() if res.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        commit = None
+    started = claim.read(outdir).get("started_epoch")
+    return {"workflow_commit": commit or "unknown (not a git checkout)",
+            "wall_seconds": round(time.time() - started, 1) if isinstance(started, (int, float)) else None}
 
 
 def _concat_spot_checks(paths: list[str], dest: str) -> dict:

@@ -24,7 +24,7 @@ def run(shard: str | Path, out: str | Path, stats_out: str | Path | None, option
     f = pq.ParquetFile(shard)  # lengths a row group at a time: the sequences are never all in memory
     lengths = np.concatenate([sequence_lengths(pa.table(b)) for b in f.iter_batches(columns=["sequence"])] or [np.zeros(0, np.int64)])
     long = options.long_sequences
-    plan = build_plan(lengths, options.packing.token_budget, long.policy, long.overlap,
+    plan = build_plan(lengths, options.packing.token_budget, long.policy, long.overlap, long.max_residues,
                       chunk_tokens=chunk_tokens(options))
     save_plan(plan, out)
     if stats_out:

@@ -73,7 +73,7 @@ def run(shard: str | Path, embeddings: str | Path, model: str | LoadedModel, out
         dtype = embedder.dtype_name
         th = Thresholds.resolve(dtype, opts.pooled_cosine, opts.min_residue_cosine)
         # the sample's windows, as the plan cut them, in one pack
-        items = [(r, s, n) for r in rows for s, n in windows(len(seqs[r]), long.policy, long.overlap)]
+        items = [(r, s, n) for r in rows for s, n in windows(len(seqs[r]), long.policy, long.overlap, long.max_residues)]
         pack = Pack(*(np.array(c, dtype=np.int64) for c in zip(*items)))
         packed = embedder.residue_states(seqs, pack, loaded.num_layers)
         ref = embedder.unpacked_residue_states(seqs, pack, loaded.num_layers)

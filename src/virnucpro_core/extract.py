@@ -1,0 +1,54 @@
+"""``virnucpro extract MODEL FASTA OUTDIR``: the whole pipeline in one process, as fair-esm's
+``esm-extract`` is one command. The stages and folder layout are the workflow's, so the outputs
+(``OUTDIR/embeddings.parquet``, ``skipped.tsv``, ``spot_check.tsv``, ``summary.json``) are too;
+the model is loaded once for every shard."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .layout import Layout
+from .model import load_model
+from .options import Options
+from .stages import embed, merge, plan, shard
+
+log = logging.getLogger(__name__)
+
+INCLUDE = ("mean", "per_tok", "bos")
+
+
+def esm_extract_options(options: Options, repr_layers: list[int], include: list[str], truncation_seq_length: int,
+                        toks_per_batch: int | None, nogpu: bool) -> Options:
+    """esm-extract's flags as options: ``--repr_layers`` pooled layers (and per-residue ones with
+    ``per_tok``), ``--include mean per_tok bos``, ``--truncation_seq_length``, ``--toks_per_batch``
+    (a pack's token budget here), ``--nogpu``."""
+    unknown = sorted(set(include) - set(INCLUDE))
+    if unknown:
+        raise ValueError(f"--include {' '.join(unknown)}: not supported (one or more of {', '.join(INCLUDE)})")
+    changes = {"embedding.layers": tuple(repr_layers),
+               "embedding.poolings": tuple(p for p in ("mean", "bos") if p in include) or ("mean",),
+               "embedding.per_residue_layers": tuple(repr_layers) if "per_tok" in include else (),
+               "long_sequences.max_residues": truncation_seq_length}
+    if toks_per_batch:
+        changes["packing.token_budget"] = toks_per_batch
+    if nogpu:
+        changes["embedding.device"] = "cpu"
+    return options.replace(**changes)
+
+
+def extract(model: str, fastas: list[str], outdir: str | Path, options: Options) -> dict:
+    out = Layout(str(outdir))
+    options = options.replace(outdir=str(outdir))
+    man = shard.run(fastas, out.shards, options)
+    loaded = load_model(model, options.model_dir)
+    embeddings, checks = [], []
+    for name in out.shard_names("shards"):
+        plan.run(out.shard(name), out.plan(name), out.plan_stats(name), options)
+        embed.run(out.shard(name), out.plan(name), loaded, out.shard_embeddings(name), options, spot_check=out.spot_check(name))
+        embeddings.append(out.shard_embeddings(name))
+        checks.append(out.spot_check(name))
+    summary = merge.run(out.manifest, out.shard_skipped, embeddings, checks, outdir, options)
+    log.info("%d of %d records embedded into %s (%d shards)", summary["embedded_input_records"], summary["records_in"],
+             out.embeddings, man["shards"])
+    return summary
