@@ -1,8 +1,10 @@
 """Checkpoints: fair-esm release format round trip, hostile files, wrong architectures."""
 
 import argparse
+import json
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -168,3 +170,90 @@ def test_named_model_absent_and_offline_says_where_it_looked_and_what_to_do(tmp_
     msg = str(err.value)
     assert f"is not in {tmp_path / 'models'}/ or {tmp_path / 'torch/hub/checkpoints'}/" in msg
     assert "fetch-model esm2_t6_8M_UR50D" in msg and "or set model to the path of a checkpoint" in msg
+
+
+# ------------------------------------------------------------------ Hugging Face ESM-2
+def tiny_hf_esm(folder, layers=2, dim=64, heads=4, seed=0):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.EsmConfig(vocab_size=33, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads,
+                                 intermediate_size=4 * dim, position_embedding_type="rotary", token_dropout=True,
+                                 pad_token_id=1, mask_token_id=32, layer_norm_eps=1e-5, emb_layer_norm_before=False,
+                                 max_position_embeddings=1026)
+    torch.manual_seed(seed)
+    model = transformers.EsmModel(cfg, add_pooling_layer=False).eval()
+    with torch.no_grad():  # random init of the real architecture, q/k sharpened so positions matter
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+        for layer in model.encoder.layer:
+            layer.attention.self.query.weight.mul_(5)
+            layer.attention.self.key.weight.mul_(5)
+    model.save_pretrained(folder)  # config.json + model.safetensors
+    return model
+
+
+def test_a_hugging_face_esm2_folder_is_converted_once_and_embeds_as_transformers_does(tmp_path):
+    from virnucpro_core.embed import Embedder
+    from virnucpro_core.packing import Pack
+
+    hf = tiny_hf_esm(tmp_path / "hf")
+    assert (tmp_path / "hf/model.safetensors").is_file()
+    loaded = load_model(str(tmp_path / "hf"), tmp_path / "models")
+    converted = list((tmp_path / "models/converted").glob("*.pt"))
+    assert len(converted) == 1 and loaded.source == str(converted[0]) and len(loaded.sha256) == 64
+    assert load_model(str(tmp_path / "hf"), tmp_path / "models").sha256 == loaded.sha256  # converted once
+    seqs = ["MKTAYIAKQRQISFVKSHFSRQ", "ACDEFGHIKLMNPQRSTVWY" * 20, "MLLSVPLLLGLLGLAAA"]
+    pack = Pack(np.arange(3), np.zeros(3, np.int64), np.array([len(s) for s in seqs]))
+    emb = Embedder(loaded, "cpu", "float32", "reference")
+    ours = emb.residue_states(seqs, pack, loaded.num_layers)
+    for s, mine in zip(seqs, ours):
+        toks = torch.tensor([[loaded.alphabet.cls_idx, *[loaded.alphabet.get_idx(c) for c in s], loaded.alphabet.eos_idx]])
+        with torch.no_grad():
+            theirs = hf(input_ids=toks, attention_mask=torch.ones_like(toks)).last_hidden_state[0, 1:-1]
+        torch.testing.assert_close(mine, theirs, atol=2e-5, rtol=1e-4)
+
+
+def test_a_hugging_face_model_of_another_architecture_is_refused(tmp_path):
+    tiny_hf_esm(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf/config.json").read_text())
+    (tmp_path / "hf/config.json").write_text(json.dumps({**cfg, "position_embedding_type": "absolute"}))
+    with pytest.raises(CheckpointError, match="not an ESM-2 model: position_embedding_type='absolute'"):
+        load_model(str(tmp_path / "hf"), tmp_path / "models")
+
+
+def test_org_slash_name_is_found_in_the_hugging_face_cache(tmp_path, monkeypatch):
+    from virnucpro_core.hf import hf_folder
+
+    snap = tmp_path / "hub/models--facebook--esm2_tiny/snapshots/abc123"
+    tiny_hf_esm(snap)
+    (tmp_path / "hub/models--facebook--esm2_tiny/refs").mkdir(parents=True)
+    (tmp_path / "hub/models--facebook--esm2_tiny/refs/main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert hf_folder("facebook/esm2_tiny") == snap and hf_folder("facebook/absent") is None
+    loaded = load_model("facebook/esm2_tiny", tmp_path / "models")
+    assert loaded.num_layers == 2 and "esm2_tiny" in loaded.source
+
+
+@pytest.mark.slow
+def test_the_workflow_takes_a_hugging_face_folder_as_model(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from virnucpro_core.parquet import column_array
+
+    root = Path(__file__).resolve().parents[1]
+    tiny_hf_esm(tmp_path / "hf")
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--config", f"model={tmp_path / 'hf'}",
+                          f"outdir={out}", f"model_dir={tmp_path / 'models'}", f"embedding={{lock_dir: {tmp_path / 'locks'}}}"],
+                         cwd=root, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert "convert_hf_model" in res.stdout + res.stderr
+    converted = list((tmp_path / "models/converted").glob("*.pt"))
+    assert len(converted) == 1
+    t = pq.read_table(out / "embeddings.parquet")
+    meta = json.loads(t.schema.metadata[b"virnucpro"])
+    assert meta["checkpoint"] == str(converted[0]) and t.num_rows == 300
+    assert np.isfinite(column_array(t, "embedding")).all()

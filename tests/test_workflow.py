@@ -230,3 +230,17 @@ def test_extract_maps_esm_extracts_flags(tmp_path):
     summary = json.loads((tmp_path / "x/summary.json").read_text())
     assert summary["truncated"]["records"] == int((length > 500).sum()) > 5
     assert main(["extract", str(MODEL), str(EXAMPLE), str(tmp_path / "y"), "--include", "contacts"]) == 1
+
+
+def test_the_conda_env_pins_every_dependency_and_needs_no_clone():
+    import tomllib
+
+    import yaml
+
+    env = yaml.safe_load((ROOT / "envs/virnucpro.yaml").read_text())
+    pins = {re.split("==", p)[0].lower(): p for d in env["dependencies"] if isinstance(d, dict) for p in d["pip"]}
+    assert not [p for p in pins if p.startswith("-e") or p.startswith(".")], "the env must not install a local clone"
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in deps:
+        name = re.split(r"[<>=!~ ]", dep)[0].lower()
+        assert name in pins and "==" in pins[name], f"{name} is not pinned in envs/virnucpro.yaml"

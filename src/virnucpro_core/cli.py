@@ -243,6 +243,10 @@ def job(smk: Any) -> None:
         from .report import write_report_files
 
         name, work = "report", lambda: write_report_files(options.outdir, config)
+    elif smk.rule == "convert_hf_model":
+        from .hf import convert
+
+        name, work = "convert", lambda: convert(Path(i.config).parent, o[0])
     elif smk.rule == "fetch_model":
         from .model import fetch_model
 

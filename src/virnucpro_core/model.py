@@ -21,6 +21,7 @@ from esm.model.esm2 import ESM2
 
 from .checkpoint import MODEL_URL, REGRESSION_URL, CheckpointError, find_named, missing_model_message, shape_of, unreadable, unreachable
 from .files import sha256
+from .hf import convert, converted_path, hf_folder
 from .options import ESM2_MODELS, Options
 
 log = logging.getLogger(__name__)
@@ -153,9 +154,16 @@ def fetch_model(name: str, model_dir: str | Path) -> Path:
 
 
 def load_model(spec: str, model_dir: str | Path | None = None) -> LoadedModel:
-    """``spec`` is a fair-esm model name (downloaded once, then cached) or a checkpoint path."""
+    """``spec`` is a fair-esm model name (downloaded once, then cached), a checkpoint path, or a
+    Hugging Face ESM-2 (a folder, or ``org/name`` in the local Hugging Face cache; converted once)."""
+    model_dir = model_dir or Options().model_dir
     if spec in ESM2_MODELS:
-        return load_checkpoint(fetch_model(spec, model_dir or Options().model_dir))
+        return load_checkpoint(fetch_model(spec, model_dir))
+    folder = hf_folder(spec)
+    if folder is not None:
+        dest = converted_path(folder, model_dir)
+        return load_checkpoint(dest if dest.is_file() else convert(folder, dest))
     if spec.endswith(".pt") or Path(spec).exists():
         return load_checkpoint(spec)
-    raise CheckpointError(f"model {spec!r} is neither a fair-esm ESM-2 name ({', '.join(ESM2_MODELS)}) nor a checkpoint file")
+    raise CheckpointError(f"model {spec!r} is neither a fair-esm ESM-2 name ({', '.join(ESM2_MODELS)}), a checkpoint file, "
+                          "nor a Hugging Face ESM-2 (a folder with config.json, or org/name in the Hugging Face cache)")

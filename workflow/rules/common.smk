@@ -15,6 +15,7 @@ from virnucpro_core.checkpoint import (
     missing_model_message,
     unreachable,
 )
+from virnucpro_core.hf import converted_path, hf_folder, hf_shape, weights_file
 from virnucpro_core.layout import SHARD_PATTERN, Layout
 from virnucpro_core.options import ESM2_MODELS, PATH_KEYS, Options
 
@@ -85,12 +86,22 @@ def model_file(wildcards=None):
         if reason:
             stop(missing_model_message(model, OPTIONS.model_dir, reason))
         return os.path.join(OPTIONS.model_dir, f"{model}.pt")
+    folder = hf_folder(model)
+    if folder is not None:  # converted once by convert_hf_model
+        return str(converted_path(folder, OPTIONS.model_dir))
     if not os.path.isfile(model):
         stop(
             f"config 'model': {model!r} is neither a fair-esm ESM-2 name "
-            f"({', '.join(ESM2_MODELS)}) nor an existing checkpoint file"
+            f"({', '.join(ESM2_MODELS)}), an existing checkpoint file, nor a Hugging Face "
+            "ESM-2 (a folder with config.json, or org/name in the Hugging Face cache)"
         )
     return model
+
+
+def hf_source(wildcards):
+    """The Hugging Face folder's config and weights, for convert_hf_model."""
+    folder = hf_folder(config["model"])
+    return {"config": str(folder / "config.json"), "weights": str(weights_file(folder))}
 
 
 def claim_outdir():
@@ -111,6 +122,14 @@ def summarise(ok):
 def model_shape():
     """(layers, embed dim, checkpoint MB) of the configured model: from the checkpoint's own
     index, or fair-esm's table for a named model still to be downloaded."""
+    folder = hf_folder(config["model"])
+    if folder is not None:
+        shape = hf_shape(folder)
+        return (
+            shape.layers,
+            shape.embed_dim,
+            os.path.getsize(weights_file(folder)) / 1e6,
+        )
     path = model_file()
     if os.path.isfile(path):
         shape = checkpoint_shape(path)
