@@ -12,9 +12,10 @@ COPIES = 3  # a chunk's outputs: device -> numpy -> Arrow (and its Parquet write
 
 
 def shard_mb(input_mb: float) -> int:
-    """One shard's buffered rows (about 32 M residues), and the table of ids seen (about 32 bytes per
-    record, at most one record per 10 bytes of FASTA)."""
-    return int(BASE_MB + 200 + input_mb * 32 / 10)
+    """One shard's buffered rows (about 32 M residues), and the table of ids seen: ~70 bytes a record
+    (measured: 1.39 GB peak at 16 M records, benchmarks/results/scale-16M-2026-11-30.json), at most one
+    record per 40 bytes of FASTA."""
+    return int(BASE_MB + 200 + input_mb * 70 / 40)
 
 
 def plan_mb(shard_mb: float) -> int:
