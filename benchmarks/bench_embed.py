@@ -310,7 +310,7 @@ def main() -> int:
 
                 t, m = timed(stage, args.repeats)
                 record(name, data, f"stage FASTA->Parquet budget {budgets[-1]}", t, tokens, params, m, base)
-        del esm2, loaded
+        esm2 = loaded = None  # frees the GPU memory for the next shape
         torch.cuda.empty_cache()
 
     return 0

@@ -17,6 +17,17 @@ def hold(lock_dir, n, queue, seconds):
         queue.put((os.getpid(), "released", time.time()))
 
 
+def assert_never_shared(events):
+    """(pid, device or "released", time) events: no device held by two jobs at once."""
+    held = {}
+    for pid, what, _ in sorted(events, key=lambda e: e[2]):
+        if what == "released":
+            held.pop(pid)
+        else:
+            assert what not in held.values(), f"{what} given to two jobs at once"
+            held[pid] = what
+
+
 @pytest.fixture(autouse=True)
 def no_scheduler(monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
@@ -32,13 +43,7 @@ def test_concurrent_jobs_never_share_a_device(tmp_path):
     for p in procs:
         p.join(10)
     events = [q.get(timeout=10) for _ in range(8)]
-    held = {}
-    for pid, what, t in sorted(events, key=lambda e: e[2]):
-        if what == "released":
-            held.pop(pid)
-        else:
-            assert what not in held.values(), f"{what} given to two jobs at once"
-            held[pid] = what
+    assert_never_shared(events)
     assert {e[1] for e in events} == {"cuda:0", "cuda:1", "released"}
 
 
@@ -128,13 +133,7 @@ def test_two_users_share_the_gpus_without_sharing_one(tmp_path):
         assert p.exitcode == 0
     got += [q.get(timeout=10) for _ in range(7)]
     assert not [e for e in got if e[1].startswith("error")], got
-    held = {}
-    for pid, what, _ in sorted(got, key=lambda e: e[2]):
-        if what == "released":
-            held.pop(pid)
-        else:
-            assert what not in held.values(), f"{what} given to two jobs at once"
-            held[pid] = what
+    assert_never_shared(got)
     assert stat.S_IMODE(os.stat(lock_dir).st_mode) == 0o1777 and os.stat(lock_dir).st_uid == a[0]
     files = sorted(os.listdir(lock_dir))
     assert files == ["gpu-0.lock", "gpu-1.lock"]

@@ -20,6 +20,7 @@ STAGE_ARGS = {
     "embed": ["embed", "s.parquet", "--plan", "p", "--model", "m.pt", "--out", "e"],
     "spot-check": ["spot-check", "s.parquet", "--embeddings", "e", "--model", "m.pt", "--out", "t.tsv"],
     "merge": ["merge", "--shard-dir", "s", "--embeddings", "e.parquet", "--out", "o"],
+    "extract": ["extract", "m.pt", "in.faa", "out"],
 }
 
 
@@ -61,6 +62,8 @@ def test_cli_defaults_are_the_options_and_each_flag_reaches_its_key(stage):
                 parser().parse_args(STAGE_ARGS[stage] + [flag, "1"])
             continue
         value = f.metadata["choices"][-1] if f.metadata["choices"] else f.default + 1 if type(f.default) is int else 3
+        if type(f.default) is int and f.metadata["maximum"] is not None and value > f.metadata["maximum"]:
+            value = f.default - 1
         if isinstance(f.default, str) and not f.metadata["choices"]:
             value = "/somewhere/else"
         opts = options_from_args(parser().parse_args(STAGE_ARGS[stage] + [flag, str(value)]))

@@ -90,10 +90,10 @@ def parser() -> argparse.ArgumentParser:
                                    "flags are accepted with - or _; every option of config/config.yaml is a flag too.")
     s.add_argument("model", help=PATH_KEYS["model"]["doc"])
     s.add_argument("fasta", nargs="+", help="FASTA file(s), plain or gzip")
-    s.add_argument("outdir")
-    s.add_argument("--repr-layers", "--repr_layers", type=int, nargs="+", default=[-1], help="layers (negative from the end)")
-    s.add_argument("--include", nargs="+", default=["mean"], help="mean, per_tok and/or bos (default: mean)")
-    s.add_argument("--truncation-seq-length", "--truncation_seq_length", type=int, default=1022)
+    s.add_argument("out_dir", metavar="OUTDIR")
+    s.add_argument("--repr-layers", "--repr_layers", type=int, nargs="+", help="layers, negative from the end (default: -1)")
+    s.add_argument("--include", nargs="+", help="mean, per_tok and/or bos (default: mean)")
+    s.add_argument("--truncation-seq-length", "--truncation_seq_length", type=int, help="residues kept (default: 1022)")
     s.add_argument("--toks-per-batch", "--toks_per_batch", type=int, help="tokens per pack (default 65536; at least 1024)")
     s.add_argument("--nogpu", action="store_true", help="compute on the CPU")
     _add_options(s, "extract")
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         def work():
             opts = esm_extract_options(options_from_args(args), args.repr_layers, args.include, args.truncation_seq_length,
                                        args.toks_per_batch, args.nogpu)
-            extract(args.model, args.fasta, args.outdir, opts)
+            extract(args.model, args.fasta, args.out_dir, opts)
 
         return _run("extract", work)
     if args.stage == "report":

@@ -18,18 +18,23 @@ log = logging.getLogger(__name__)
 INCLUDE = ("mean", "per_tok", "bos")
 
 
-def esm_extract_options(options: Options, repr_layers: list[int], include: list[str], truncation_seq_length: int,
-                        toks_per_batch: int | None, nogpu: bool) -> Options:
-    """esm-extract's flags as options: ``--repr_layers`` pooled layers (and per-residue ones with
-    ``per_tok``), ``--include mean per_tok bos``, ``--truncation_seq_length``, ``--toks_per_batch``
-    (a pack's token budget here), ``--nogpu``."""
-    unknown = sorted(set(include) - set(INCLUDE))
-    if unknown:
-        raise ValueError(f"--include {' '.join(unknown)}: not supported (one or more of {', '.join(INCLUDE)})")
-    changes = {"embedding.layers": tuple(repr_layers),
-               "embedding.poolings": tuple(p for p in ("mean", "bos") if p in include) or ("mean",),
-               "embedding.per_residue_layers": tuple(repr_layers) if "per_tok" in include else (),
-               "long_sequences.max_residues": truncation_seq_length}
+def esm_extract_options(options: Options, repr_layers: list[int] | None, include: list[str] | None,
+                        truncation_seq_length: int | None, toks_per_batch: int | None, nogpu: bool) -> Options:
+    """esm-extract's flags, where given, as options: ``--repr_layers`` pooled layers (and per-residue
+    ones with ``per_tok``), ``--include mean per_tok bos``, ``--truncation_seq_length``,
+    ``--toks_per_batch`` (a pack's token budget here), ``--nogpu``."""
+    changes: dict = {}
+    if repr_layers:
+        changes["embedding.layers"] = tuple(repr_layers)
+    if include:
+        unknown = sorted(set(include) - set(INCLUDE))
+        if unknown:
+            raise ValueError(f"--include {' '.join(unknown)}: not supported (one or more of {', '.join(INCLUDE)})")
+        changes["embedding.poolings"] = tuple(p for p in ("mean", "bos") if p in include) or ("mean",)
+        if "per_tok" in include:
+            changes["embedding.per_residue_layers"] = tuple(repr_layers or options.embedding.layers)
+    if truncation_seq_length:
+        changes["long_sequences.max_residues"] = truncation_seq_length
     if toks_per_batch:
         changes["packing.token_budget"] = toks_per_batch
     if nogpu:

@@ -28,7 +28,7 @@ import torch
 from .. import __version__
 from ..devices import acquire_device
 from ..embed import EmbedResult, Embedder, Outputs
-from ..files import ROW_GROUP_BYTES, atomic_path, sha256, write_json, write_table
+from ..files import ROW_GROUP_BYTES, atomic_path, sha256, write_table
 from ..model import LoadedModel, load_model
 from ..options import Options
 from ..packing import Plan, load_plan
@@ -63,7 +63,7 @@ def chunk_key(shard: str | Path, plan: str | Path, model: str | LoadedModel, opt
         model_id = sha256(model)
     else:  # a fair-esm name: its release file
         model_id = model
-    data = {"shard": sha256(shard), "plan": sha256(plan, cache=False), "model": model_id,
+    data = {"shard": sha256(shard, cache=False), "plan": sha256(plan, cache=False), "model": model_id,
             "embedding": {k: getattr(opts, k) for k in ("layers", "poolings", "per_residue_layers", "dtype", "output_dtype",
                                                         "attention", "device")}}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
@@ -74,7 +74,6 @@ class Chunks:
 
     def __init__(self, out: Path, key: str) -> None:
         self.dir = out.with_name(out.name + ".chunks")
-        self.key = key
         key_file = self.dir / "key"
         if self.dir.is_dir() and (not key_file.is_file() or key_file.read_text() != key):
             log.info("%s: discarding chunks computed from other inputs or options", self.dir)
