@@ -171,6 +171,17 @@ def unreachable(url: str, timeout: float = 5.0) -> str | None:
         return str(getattr(exc, "reason", exc))
 
 
+def named_model_problem(name: str, model_dir: str | Path) -> str | None:
+    """For a fair-esm name with no file here and no network: one sentence saying what is missing,
+    where it was looked for and what to do; else None."""
+    from .options import ESM2_MODELS
+
+    if name not in ESM2_MODELS or find_named(name, model_dir):
+        return None
+    reason = unreachable(MODEL_URL.format(name=name))
+    return missing_model_message(name, model_dir, reason) if reason else None
+
+
 def missing_model_message(name: str, model_dir: str | Path, reason: str) -> str:
     """One sentence: what is missing, where it was looked for, and what to do."""
     return (f"model {name} is not in {model_dir}/ or {hub_checkpoints()}/ and cannot be downloaded here "

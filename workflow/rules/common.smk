@@ -8,12 +8,10 @@ from snakemake.utils import validate
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 from virnucpro_core import claim, resources, run_summary
 from virnucpro_core.checkpoint import (
-    MODEL_URL,
     check_for_model,
     find_named,
     inspect as checkpoint_shape,
-    missing_model_message,
-    unreachable,
+    named_model_problem,
 )
 from virnucpro_core.hf import converted_path, hf_folder, hf_shape, weights_file
 from virnucpro_core.layout import SHARD_PATTERN, Layout
@@ -79,13 +77,13 @@ def model_file(wildcards=None):
     """
     model = config["model"]
     if model in ESM2_MODELS:
-        found = find_named(model, OPTIONS.model_dir)
-        if found:
-            return str(found)
-        reason = unreachable(MODEL_URL.format(name=model))
-        if reason:
-            stop(missing_model_message(model, OPTIONS.model_dir, reason))
-        return os.path.join(OPTIONS.model_dir, f"{model}.pt")
+        problem = named_model_problem(model, OPTIONS.model_dir)
+        if problem:
+            stop(problem)
+        return str(
+            find_named(model, OPTIONS.model_dir)
+            or os.path.join(OPTIONS.model_dir, f"{model}.pt")
+        )
     folder = hf_folder(model)
     if folder is not None:  # converted once by convert_hf_model
         return str(converted_path(folder, OPTIONS.model_dir))
