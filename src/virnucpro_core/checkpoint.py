@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import os
 import pickle
 import re
@@ -159,8 +160,10 @@ def find_named(name: str, model_dir: str | Path) -> Path | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def unreachable(url: str, timeout: float = 5.0) -> str | None:
-    """Why ``url`` cannot be fetched now (no network, a proxy, DNS), or None when it can."""
+    """Why ``url`` cannot be fetched now (no network, a proxy, DNS), or None when it can (asked once
+    a process: the workflow's checks before any job ask for the same URL)."""
     import urllib.error
     import urllib.request
 

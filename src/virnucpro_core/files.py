@@ -57,11 +57,15 @@ def remove_stale(path: Path) -> None:
 ROW_GROUP_BYTES = 64 << 20
 
 
+def row_group_rows(table: pa.Table) -> int:
+    """Rows of a row group of about ``ROW_GROUP_BYTES``."""
+    return max(1, int(ROW_GROUP_BYTES * table.num_rows / max(1, table.nbytes)))
+
+
 def write_table(table: pa.Table, path: str | Path) -> None:
     """Parquet (zstd) in row groups of about 64 MiB, so readers can stream it."""
-    rows = max(1, int(ROW_GROUP_BYTES * table.num_rows / max(1, table.nbytes)))
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=rows)
+        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_rows(table))
 
 
 def write_tsv(path: str | Path, header: list[str], rows: list[list]) -> None:

@@ -71,7 +71,7 @@ def stop(message):
     sys.exit(1)
 
 
-def model_file(wildcards=None):
+def model_file():
     """A named model: its release file in model_dir or torch hub's cache, else fetched by
     fetch_model into model_dir, if the network allows; a checkpoint path is used as is.
     """
@@ -117,6 +117,9 @@ def summarise(ok):
         print(run_summary.failure(OPTIONS.outdir), file=sys.stderr)
 
 
+MODEL_FILE = model_file()
+
+
 def model_shape():
     """(layers, embed dim, checkpoint MB) of the configured model: from the checkpoint's own
     index, or fair-esm's table for a named model still to be downloaded."""
@@ -128,7 +131,7 @@ def model_shape():
             shape.embed_dim,
             os.path.getsize(weights_file(folder)) / 1e6,
         )
-    path = model_file()
+    path = MODEL_FILE
     if os.path.isfile(path):
         shape = checkpoint_shape(path)
         return shape.layers, shape.embed_dim, os.path.getsize(path) / 1e6

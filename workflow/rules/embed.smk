@@ -6,7 +6,7 @@ rule embed_shard:
     input:
         shard=L.shard("{shard}"),
         plan=L.plan("{shard}"),
-        model=model_file(),
+        model=MODEL_FILE,
     output:
         embeddings=L.shard_embeddings("{shard}"),
         spot_check=L.spot_check("{shard}"),

@@ -28,7 +28,7 @@ import torch
 from .. import __version__
 from ..devices import acquire_device
 from ..embed import EmbedResult, Embedder, Outputs
-from ..files import ROW_GROUP_BYTES, atomic_path, sha256, write_table
+from ..files import atomic_path, row_group_rows, sha256, write_table
 from ..model import LoadedModel, load_model
 from ..options import Options
 from ..packing import Plan, load_plan
@@ -36,6 +36,7 @@ from ..parquet import embeddings_table, read_metadata
 from .shard import BOOKKEEPING, NUCLEOTIDE_COLUMNS, sequence_lengths
 
 log = logging.getLogger(__name__)
+
 
 def compute_dtype(device: str, dtype: str) -> str:
     """The CPU computes in float32 whatever the configured GPU dtype."""
@@ -122,6 +123,7 @@ def run(shard: str | Path, plan: str | Path, model: str | LoadedModel, out: str 
     chunks = Chunks(out, chunk_key(shard, plan, model, options))
     finished = {c: m for c in range(the_plan.n_chunks) if (m := chunks.done(c)) is not None}
     todo = [c for c in range(the_plan.n_chunks) if c not in finished]
+    shard_tokens = sum(p.tokens for p in the_plan.packs)
     if finished:
         log.info("resuming: %d of %d chunks already done in %s", len(finished), the_plan.n_chunks, chunks.dir)
     with contextlib.ExitStack() as stack:
@@ -149,7 +151,7 @@ def run(shard: str | Path, plan: str | Path, model: str | LoadedModel, out: str 
             write_table(_chunk_table(shard_t, lo, hi, sub, result, opts.output_dtype, meta), chunks.path(c))
             finished[c] = result.stats
             done = sum(finished[k]["tokens"] for k in finished)
-            left = sum(s.tokens for s in the_plan.packs) - done
+            left = shard_tokens - done
             log.info("chunk %d/%d written: %d tokens of the shard done, %.0f tokens/s, ETA %.0f s", c + 1, the_plan.n_chunks,
                      done, result.stats["tokens_per_s"], left / max(result.stats["tokens_per_s"], 1e-9))
         stats = {**_assemble(chunks, the_plan.n_chunks, finished, out), "resumed_chunks": the_plan.n_chunks - len(todo),
@@ -158,7 +160,7 @@ def run(shard: str | Path, plan: str | Path, model: str | LoadedModel, out: str 
         if spot_check:
             from . import spot_check as check
 
-            stats["spot_check"] = check.run(shard, out, loaded, spot_check, options, embedder=embedder)
+            stats["spot_check"] = check.run(shard, out, loaded, spot_check, options, embedder=embedder, shard_table=shard_t)
     log.info("done: %s", json.dumps(stats))
     return stats
 
@@ -180,7 +182,7 @@ def _assemble(chunks: Chunks, n: int, finished: dict[int, dict], out: Path) -> d
                 table = pq.read_table(chunks.path(c)).replace_schema_metadata(meta)
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
-                writer.write_table(table, row_group_size=max(1, int(ROW_GROUP_BYTES * table.num_rows / max(1, table.nbytes))))
+                writer.write_table(table, row_group_size=row_group_rows(table))
             writer.close()
     shutil.rmtree(chunks.dir)
     return stats

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -48,12 +49,13 @@ def sample_by_length(lengths: np.ndarray, n: int, n_longest: int = 3) -> np.ndar
 
 
 def run(shard: str | Path, embeddings: str | Path, model: str | LoadedModel, out: str | Path, options: Options,
-        embedder: Embedder | None = None) -> dict:
+        embedder: Embedder | None = None, shard_table: pa.Table | None = None) -> dict:
     """Write the per-record table to ``out`` (TSV) and a summary next to it (``.json``); raise
     (``on_fail: error``) or warn when a record is below the thresholds. ``embedder``: the embed
-    job's own (the model already on its device), else the model is loaded here."""
+    job's own (the model already on its device), else the model is loaded here; ``shard_table``:
+    the shard as that job read it."""
     opts, long = options.spot_check, options.long_sequences
-    shard_t = pq.read_table(shard)
+    shard_t = pq.read_table(shard) if shard_table is None else shard_table
     ids = shard_t["id"].to_pylist()
     if ids != pq.read_table(embeddings, columns=["id"])["id"].to_pylist():
         raise ValueError(f"{embeddings} does not hold the records of {shard} in order")
