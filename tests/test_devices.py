@@ -138,3 +138,24 @@ def test_two_users_share_the_gpus_without_sharing_one(tmp_path):
     files = sorted(os.listdir(lock_dir))
     assert files == ["gpu-0.lock", "gpu-1.lock"]
     assert all(stat.S_IMODE(os.stat(os.path.join(lock_dir, f)).st_mode) == 0o666 for f in files)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create users and switch to them")
+def test_a_lock_folder_only_its_owner_can_write_is_named_with_the_fix():
+    import tempfile
+
+    a, b = _user("vnp-lock-a"), _user("vnp-lock-b")
+    base = tempfile.mkdtemp(prefix="vnp-locks-", dir="/tmp")
+    os.chmod(base, 0o1777)
+    lock_dir = os.path.join(base, "gpu-locks")
+    os.mkdir(lock_dir)
+    os.chown(lock_dir, *a)
+    os.chmod(lock_dir, 0o755)  # as an older version left it
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=hold_as, args=(*b, lock_dir, q, 0.1))
+    p.start()
+    p.join(20)
+    _, what, _ = q.get(timeout=10)
+    assert p.exitcode != 0 and what.startswith("error: RuntimeError")
+    assert f"cannot create or open the GPU lock file {lock_dir}/gpu-0.lock" in what and f"chmod 1777 {lock_dir}" in what
