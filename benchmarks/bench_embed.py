@@ -41,7 +41,7 @@ from virnucpro_core.packing import build_plan
 from virnucpro_core.stages import embed, plan, shard
 
 AA = "ACDEFGHIKLMNPQRSTVWY"
-SHAPES = {"650M": "esm2_t33_650M_UR50D", "3B": "esm2_t36_3B_UR50D", "8M": "esm2_t6_8M_UR50D"}
+SHAPES = {"650M": "esm2_t33_650M_UR50D", "3B": "esm2_t36_3B_UR50D", "15B": "esm2_t48_15B_UR50D", "8M": "esm2_t6_8M_UR50D"}
 
 
 def dataset(kind: str, n_tokens: int, seed: int = 0) -> list[str]:
@@ -147,7 +147,7 @@ def profile_engine(emb, seqs, plan, outputs) -> dict:
     wall = time.perf_counter() - t
     # attention first: FlashAttention-3 kernels are CUTLASS kernels, named like GEMMs
     kinds = {"attention": ("flash", "fmha", "attention"), "gemm": ("gemm", "cutlass", "nvjet", "xmma", "cublas", "sm90_"),
-             "element-wise, norm, rotary (Triton, fused)": ("triton",), "copies": ("memcpy", "memset", "copy")}
+             "element-wise, norm, rotary (Triton, fused)": ("triton", "rotary"), "copies": ("memcpy", "memset", "copy")}
     totals: dict[str, float] = {}
     for e in prof.key_averages():
         if e.device_type.name != "CUDA":
@@ -201,6 +201,8 @@ def main() -> int:
     ap.add_argument("--baseline-budgets", default="4096,16384,32768", help="baseline (a): fair-esm tokens per batch")
     ap.add_argument("--extract-tokens", type=int, default=300_000, help="baseline (b) runs on the first sequences of this many tokens")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--eager", action="store_true", help="also the engine without torch.compile")
+    ap.add_argument("--engine-only", action="store_true", help="no baselines and no whole-stage run (the 15B shape)")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -216,11 +218,11 @@ def main() -> int:
         tps = tokens / statistics.median(times)
         r = {
             "model": model, "dataset": data, "variant": variant, "tok_per_s": tps,
-            "ratio_vs_baseline": tps / base if base else 1.0, "mfu": tps * 2 * params / peak,
+            "ratio_vs_baseline": tps / base if base else None if args.engine_only else 1.0, "mfu": tps * 2 * params / peak,
             "peak_gib": peak_gib, "runs_s": times, "tokens": tokens,
         }
         records.append(r)
-        print(f"{model:>20} {data:>7} {variant:<40} {tps:>10.0f} tok/s  x{r['ratio_vs_baseline']:.2f}  MFU {100 * r['mfu']:.1f}%  "
+        print(f"{model:>20} {data:>7} {variant:<40} {tps:>10.0f} tok/s  x{r['ratio_vs_baseline'] or 0:.2f}  MFU {100 * r['mfu']:.1f}%  "
               f"peak {peak_gib:.1f} GiB  runs {[round(t, 2) for t in times]}", flush=True)
         if args.out:  # after every record, so a run cut short keeps what it measured
             Path(args.out).write_text(json.dumps(doc, indent=1))
@@ -248,16 +250,17 @@ def main() -> int:
                 times = [sync_time(fn) for _ in range(repeats)]
                 return times, torch.cuda.max_memory_allocated() / 2**30
 
-            best = (0.0, 0)
-            for tpb in (int(x) for x in args.baseline_budgets.split(",")):
+            best, base = (0.0, 0), None
+            for tpb in () if args.engine_only else (int(x) for x in args.baseline_budgets.split(",")):
                 ready = pretokenised(esm2.alphabet, seqs, sorted_batches(seqs, tpb))
                 t, m = timed(lambda: run_fair_esm_best(esm2, esm2.alphabet, len(seqs), ready), args.baseline_repeats)
                 tps = record(name, data, f"(a) fair-esm bf16 pre-tokenised pinned {tpb} tok/batch", t, tokens, params, m)
                 best = max(best, (tps, tpb))
                 ready = None  # frees the pinned batches
-            base = best[0]
-            doc.setdefault("baseline_a", {})[f"{name}/{data}"] = {"tok_per_s": best[0], "tokens_per_batch": best[1]}
-            if data == "uniref" and args.extract_tokens:
+            if not args.engine_only:
+                base = best[0]
+                doc.setdefault("baseline_a", {})[f"{name}/{data}"] = {"tok_per_s": best[0], "tokens_per_batch": best[1]}
+            if data == "uniref" and args.extract_tokens and not args.engine_only:
                 sub, n_tok = [], 0
                 for q in seqs:
                     if n_tok >= args.extract_tokens // (3 if shape == "3B" else 1):
@@ -272,14 +275,14 @@ def main() -> int:
                         t, m = timed(lambda: run_esm_extract(model, esm2.alphabet, fasta), 1)
                         record(name, data, f"(b) esm-extract {dt} 4096 tok/batch", t, n_tok, params, m, base)
                     esm2 = esm2.to(torch.bfloat16)
-            if not args.skip_hf:
+            if not args.skip_hf and not args.engine_only:
                 hf = hf_model(layers, dim, heads)
                 t, m = timed(lambda: run_hf(hf, esm2.alphabet, seqs, batches), args.baseline_repeats)
                 record(name, data, "HF EsmModel SDPA bf16 sorted 16384", t, tokens, params, m, base)
                 del hf
                 torch.cuda.empty_cache()
             lengths = [len(s) for s in seqs]
-            settings = [(b, True) for b in budgets] + [(budgets[-1], False)]
+            settings = [(b, True) for b in budgets] + ([(budgets[-1], False)] if args.eager else [])
             for budget, comp in settings:
                 emb = Embedder(loaded, "cuda", "bfloat16", "auto", compile=comp)
                 outputs = Outputs.resolve(layers, EmbeddingOptions())
@@ -295,6 +298,8 @@ def main() -> int:
                     doc.setdefault("profile", {})[name] = prof
                     print(f"profile {name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in prof["share_of_wall"].items())
                           + f", host gap {100 * prof['host_gap_share']:.1f}%", flush=True)
+            if args.engine_only:
+                continue
             # the whole stage: FASTA -> shard -> plan -> embed -> Parquet
             with tempfile.TemporaryDirectory() as tmp:
                 fasta = Path(tmp) / "in.faa"

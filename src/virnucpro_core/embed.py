@@ -85,7 +85,9 @@ class Embedder:
         """``compile``: torch.compile the fused layer parts (default: on a GPU)."""
         self.device = torch.device(device)
         self.dtype_name = dtype
-        model = loaded.model.to(device=self.device, dtype=DTYPES[dtype]).eval()
+        cast = DTYPES[dtype]
+        # each tensor onto the device as stored, then cast there (torch casts on the host first otherwise)
+        model = loaded.model._apply(lambda t: t.to(self.device).to(cast) if t.is_floating_point() else t.to(self.device)).eval()
         if compile is None:
             compile = self.device.type == "cuda"
         self.packed = PackedESM2(model, backend, compile=compile)

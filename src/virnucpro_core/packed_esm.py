@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from esm.model.esm2 import ESM2
 from torch import Tensor, nn
 
+from . import kernels
 from .attention import apply_rotary, position_ids, resolve_backend, rotary_tables
 
 POOLINGS = ("mean", "bos")
@@ -59,19 +60,32 @@ class LayerWeights(NamedTuple):
         )
 
 
-def attn_in(x: Tensor, w: LayerWeights, cos: Tensor, sin: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Pre-LN, fused q/k/v projection, fp32 rotary on q and k."""
+def attn_in(x: Tensor, w: LayerWeights, heads: int, g: Tensor | None = None, g_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The previous layer's feed-forward output ``g`` (its bias not yet added) into the residual, then
+    pre-LN and the fused q/k/v projection: one kernel reads the residual once for both."""
+    if g is not None:
+        x = x + g.to(x.dtype) + g_bias.to(x.dtype)  # (T, D) fp32
     h = F.layer_norm(x, (x.shape[-1],), w.attn_ln_w, w.attn_ln_b, w.eps).to(w.qkv_w.dtype)  # (T, D)
-    q, k, v = F.linear(h, w.qkv_w, w.qkv_b).view(x.shape[0], 3, heads, -1).unbind(1)  # 3 x (T, H, d)
-    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+    return x, F.linear(h, w.qkv_w, w.qkv_b).view(x.shape[0], 3, heads, -1)  # (T, 3, H, d)
 
 
-def attn_out_ffn(x: Tensor, a: Tensor, w: LayerWeights) -> Tensor:
-    """Attention output projection and residual, then pre-LN feed-forward and residual."""
+def attn_out_ffn(x: Tensor, a: Tensor, w: LayerWeights) -> tuple[Tensor, Tensor]:
+    """Attention output projection and residual, then pre-LN feed-forward up to its second matmul;
+    that matmul's bias and residual add go to the next layer's ``attn_in`` (or ``add_ffn``)."""
     x = x + F.linear(a.reshape(x.shape[0], -1), w.out_w, w.out_b).to(x.dtype)  # (T, D) fp32
     h = F.layer_norm(x, (x.shape[-1],), w.ffn_ln_w, w.ffn_ln_b, w.eps).to(w.fc1_w.dtype)
     h = F.gelu(F.linear(h, w.fc1_w, w.fc1_b))  # (T, 4D), exact erf GELU as fair-esm
-    return x + F.linear(h, w.fc2_w, w.fc2_b).to(x.dtype)  # (T, D) fp32
+    return x, F.linear(h, w.fc2_w)  # (T, D) fp32, (T, D) model dtype
+
+
+def add_ffn(x: Tensor, g: Tensor, g_bias: Tensor) -> Tensor:
+    return x + g.to(x.dtype) + g_bias.to(x.dtype)
+
+
+def rotate_qk(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 rotary on q and k of ``qkv`` (T, 3, H, d)."""
+    q, k, _ = qkv.unbind(1)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
 class PackedESM2(nn.Module):
@@ -92,8 +106,10 @@ class PackedESM2(nn.Module):
         self.layers = [LayerWeights.of(layer) for layer in esm2.layers]
         ln = esm2.emb_layer_norm_after
         self.final_ln = (ln.weight.detach().float(), ln.bias.detach().float(), ln.eps)
-        self.attn_in = torch.compile(attn_in, dynamic=True) if compile else attn_in
-        self.attn_out_ffn = torch.compile(attn_out_ffn, dynamic=True) if compile else attn_out_ffn
+        # coordinate descent tuning: +2.5% on the 650M forward (layer norms), H200
+        c = (lambda f: torch.compile(f, dynamic=True, options={"coordinate_descent_tuning": True})) if compile else (lambda f: f)  # noqa: E731
+        self.attn_in, self.attn_out_ffn, self.add_ffn = c(attn_in), c(attn_out_ffn), c(add_ffn)
+        self.rotate = kernels.rotary_qk if kernels.available(p.device) else c(rotate_qk)
 
     @torch.inference_mode()
     def forward(self, tokens: Tensor, cu_seqlens: Tensor, max_seqlen: int, repr_layers: list[int]) -> dict[int, Tensor]:
@@ -103,12 +119,16 @@ class PackedESM2(nn.Module):
         x = self.esm2.embed_tokens(tokens) * self.embed_scale  # (T, D)
         out = {0: x} if 0 in repr_layers else {}
         x = x.float()  # the residual stream
+        g = g_bias = None
         for i, w in enumerate(self.layers, 1):
-            q, k, v = self.attn_in(x, w, cos, sin, self.heads)  # (T, H, d) each
-            a = self.attend(q, k, v, cu_seqlens, max_seqlen, self.scale)  # (T, H, d)
-            x = self.attn_out_ffn(x, a, w)  # (T, D)
+            x, qkv = self.attn_in(x, w, self.heads, g, g_bias)  # (T, D) fp32, (T, 3, H, d)
+            q, k = self.rotate(qkv, cos, sin)  # (T, H, d) each
+            a = self.attend(q, k, qkv[:, 2], cu_seqlens, max_seqlen, self.scale)  # (T, H, d)
+            x, g = self.attn_out_ffn(x, a, w)  # (T, D) fp32, (T, D) before the second feed-forward bias
+            g_bias = w.fc2_b
             if i in repr_layers and i < self.num_layers:
-                out[i] = x
+                out[i] = self.add_ffn(x, g, g_bias)
+        x = self.add_ffn(x, g, g_bias)
         if self.num_layers in repr_layers:
             out[self.num_layers] = F.layer_norm(x, (x.shape[-1],), *self.final_ln)
         return out
@@ -126,13 +146,13 @@ def pool(hidden: Tensor, cu_seqlens: Tensor, how: str) -> Tensor:
         raise ValueError(f"pooling must be one of {POOLINGS}, not {how!r}")
     n = len(cu_seqlens) - 1
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    # every token's sequence; BOS and EOS go to a row n that is dropped (no boolean indexing: no sync)
     seq_of_token = torch.repeat_interleave(torch.arange(n, device=hidden.device), lengths, output_size=hidden.shape[0])
-    keep = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
-    keep[cu_seqlens[:-1].long()] = False
-    keep[cu_seqlens[1:].long() - 1] = False
-    sums = torch.zeros(n, hidden.shape[1], dtype=torch.float32, device=hidden.device)
-    sums.index_add_(0, seq_of_token[keep], hidden[keep].float())
-    return sums / (lengths - 2).clamp(min=1).unsqueeze(1).float()
+    seq_of_token[cu_seqlens[:-1].long()] = n
+    seq_of_token[cu_seqlens[1:].long() - 1] = n
+    sums = torch.zeros(n + 1, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+    sums.index_add_(0, seq_of_token, hidden.float())
+    return sums[:n] / (lengths - 2).clamp(min=1).unsqueeze(1).float()
 
 
 def residues(hidden: Tensor, cu_seqlens: Tensor) -> list[Tensor]:

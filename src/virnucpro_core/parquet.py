@@ -38,13 +38,20 @@ def embeddings_table(
     return table.replace_schema_metadata({"virnucpro": json.dumps(metadata, sort_keys=True)})
 
 
+RUN_KEY = b"virnucpro.run"  # a file written as it goes: its run statistics, added to the footer at the end
+
+
 def read_metadata(path: str | Path) -> dict:
-    """The ``virnucpro`` provenance of an embeddings file (or of a dataset folder's first part)."""
+    """The ``virnucpro`` provenance of an embeddings file (or of a dataset folder's first part), with
+    its ``run`` statistics."""
     path = Path(path)
     if path.is_dir():
         path = min(path.glob("*.parquet"))
-    meta = pq.read_schema(path).metadata or {}
-    return json.loads(meta.get(b"virnucpro", b"{}"))
+    kv = pq.read_metadata(path).metadata or {}
+    meta = json.loads(kv.get(b"virnucpro", b"{}"))
+    if RUN_KEY in kv:
+        meta["run"] = json.loads(kv[RUN_KEY])
+    return meta
 
 
 def column_array(table: pa.Table, name: str) -> np.ndarray:

@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
 import pyarrow.dataset as ds  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
@@ -186,9 +187,13 @@ def projection_figure(run: Layout, dest: str, sample: int = 5000, seed: int = 0)
         fig.savefig(dest)
         plt.close(fig)
         return
-    rng = np.random.default_rng(seed)
-    idx = np.sort(rng.choice(n, min(sample, n), replace=False))
-    t = data.take(idx, columns=["length", "embedding"])  # the sample only, not the whole output
+    # evenly spaced row groups, enough for the sample: a few are read, never the whole output
+    groups = [g for f in data.get_fragments() for g in f.split_by_row_group()]
+    per_group = max(1, n // len(groups))
+    picked = np.unique(np.linspace(0, len(groups) - 1, min(len(groups), -(-sample // per_group))).round().astype(int))
+    t = pa.concat_tables([groups[i].to_table(columns=["length", "embedding"]) for i in picked])
+    if t.num_rows > sample:
+        t = t.take(np.sort(np.random.default_rng(seed).choice(t.num_rows, sample, replace=False)))
     x = column_array(t, "embedding").astype(np.float64)
     length = t["length"].to_numpy()
     x = x - x.mean(0)
@@ -201,7 +206,7 @@ def projection_figure(run: Layout, dest: str, sample: int = 5000, seed: int = 0)
     cb.set_label("log10 length (residues)")
     ax.set_xlabel(f"PC1 ({100 * var[0]:.1f}% of variance)")
     ax.set_ylabel(f"PC2 ({100 * var[1]:.1f}% of variance)")
-    ax.set_title(f"PCA of {len(idx)} embeddings (the `embedding` column)")
+    ax.set_title(f"PCA of {t.num_rows} embeddings (the `embedding` column)")
     fig.tight_layout()
     fig.savefig(dest)
     plt.close(fig)

@@ -8,7 +8,7 @@ from .options import Options
 BASE_MB = 1000  # the interpreter, pyarrow and numpy
 TORCH_MB = 3000  # torch, CUDA context and kernels, the tokenised packs
 MIN_TOKENS_PER_RECORD = 100  # for the rows of a chunk: a chunk of very short records has the most rows
-COPIES = 3  # a chunk's outputs: device -> numpy -> Arrow (and its Parquet write)
+COPIES = 4  # a chunk's outputs (numpy, then Arrow and its Parquet write) while the next chunk's arrive
 
 
 def shard_mb(input_mb: float) -> int:
@@ -26,7 +26,7 @@ def plan_mb(shard_mb: float) -> int:
 
 def embed_mb(options: Options, checkpoint_mb: float, embed_dim: int, shard_mb: float) -> int:
     """The checkpoint (read once into host memory), the shard's sequences and ids (~2x its file),
-    and one chunk's outputs: pooled rows and per-residue states."""
+    and two chunks' outputs (one being written while the next is computed): pooled rows and per-residue states."""
     if options.embedding.mem_mb is not None:
         return options.embedding.mem_mb
     columns = len(set((*options.embedding.layers, -1))) * len(set(("mean", *options.embedding.poolings)))

@@ -1,11 +1,13 @@
 """Stage 3: packed ESM-2 embeddings of one shard, following its plan, on one GPU (or the CPU).
 
 The plan cuts the shard into chunks (contiguous rows, about ``packing.chunk_tokens`` tokens each).
-Each chunk's rows are written to ``<out>.chunks/`` as soon as its packs are done, so host memory
-holds one chunk and a killed job redoes at most one chunk: a rerun finds the finished chunks
-(checked against a key of the shard, plan, checkpoint and options) and computes only the rest. The
-chunks are then streamed into ``out`` in row order, and the folder removed. With ``spot_check``,
-the spot-check runs in the same job on the model already on the GPU.
+As soon as a chunk's packs are done, a writer thread writes its rows to ``<out>.chunks/`` and
+appends them to ``out`` (still under a temporary name) while the GPU computes the next chunk, so
+host memory holds two chunks at most and the writes cost no GPU time. A killed job redoes at most
+one chunk: a rerun finds the finished chunks (checked against a key of the shard, plan, checkpoint
+and options) and computes only the rest. A shard of a single chunk has nothing to resume from and
+is written once. With ``spot_check``, the spot-check runs in the same job on the model already on
+the GPU.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +31,11 @@ import torch
 from .. import __version__
 from ..devices import acquire_device
 from ..embed import EmbedResult, Embedder, Outputs
-from ..files import atomic_path, row_group_rows, sha256, write_table
+from ..files import atomic_path, row_group_rows, sha256
 from ..model import LoadedModel, load_model
 from ..options import Options
 from ..packing import Plan, load_plan
-from ..parquet import embeddings_table, read_metadata
+from ..parquet import RUN_KEY, embeddings_table, read_metadata
 from .shard import BOOKKEEPING, NUCLEOTIDE_COLUMNS, sequence_lengths
 
 log = logging.getLogger(__name__)
@@ -94,6 +97,53 @@ class Chunks:
             return None
 
 
+class _Writer:
+    """One thread writes finished chunks in row order while the GPU computes: each to its chunk file
+    (uncompressed: only a rerun reads it) and appended to ``out``'s temporary file (zstd). At most one
+    chunk waits for it, so host memory holds two chunks."""
+
+    def __init__(self, chunks: Chunks, tmp: Path, keep_chunks: bool) -> None:
+        self.chunks, self.tmp, self.keep_chunks = chunks, tmp, keep_chunks
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="chunk-writer")
+        self.pending: Future | None = None
+        self.writer: pq.ParquetWriter | None = None
+
+    def _append(self, table: pa.Table) -> None:
+        if self.writer is None:
+            meta = read_metadata_of(table)
+            meta.pop("run", None)  # the whole job's statistics go to the footer at the end
+            self.writer = pq.ParquetWriter(self.tmp, table.schema.with_metadata({"virnucpro": json.dumps(meta, sort_keys=True)}),
+                                           compression="zstd")
+        self.writer.write_table(table.replace_schema_metadata(self.writer.schema.metadata), row_group_size=row_group_rows(table))
+
+    def _write(self, c: int, make_table) -> None:
+        table = make_table()
+        if self.keep_chunks:
+            with atomic_path(self.chunks.path(c)) as part:
+                pq.write_table(table, part, compression="none", row_group_size=row_group_rows(table))
+        self._append(table)
+
+    def submit(self, c: int, make_table) -> None:
+        """Write chunk ``c`` (``make_table()`` builds its rows) once the previous one is written."""
+        self.wait()
+        self.pending = self.pool.submit(self._write, c, make_table)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()  # a failed write is raised here
+
+    def close(self, stats: dict) -> None:
+        self.wait()
+        self.pool.shutdown()
+        self.writer.add_key_value_metadata({RUN_KEY: json.dumps(stats, sort_keys=True)})
+        self.writer.close()
+
+
+def read_metadata_of(table: pa.Table) -> dict:
+    return json.loads((table.schema.metadata or {}).get(b"virnucpro", b"{}"))
+
+
 def _chunk_table(shard_t: pa.Table, lo: int, hi: int, sub: Plan, result: EmbedResult, outputs_dtype: str, meta: dict) -> pa.Table:
     """Rows ``lo:hi`` of the shard: ``id``, ``length``, ``embedded_residues`` (fewer than ``length``:
     truncated), the embedding columns and the bookkeeping columns."""
@@ -116,47 +166,50 @@ def run(shard: str | Path, plan: str | Path, model: str | LoadedModel, out: str 
     """Write the shard's embeddings Parquet ``out``: ``id``, ``length``, the embedding columns, and
     the shard's bookkeeping columns for the merge; with ``spot_check`` (a TSV path) also the spot-check."""
     opts, out = options.embedding, Path(out)
-    shard_t = pq.read_table(shard)  # one shard: its sequences at a byte per residue
-    the_plan = load_plan(plan)
-    if the_plan.n_records != shard_t.num_rows:
-        raise ValueError(f"{plan} plans {the_plan.n_records} records but {shard} has {shard_t.num_rows}")
-    chunks = Chunks(out, chunk_key(shard, plan, model, options))
-    finished = {c: m for c in range(the_plan.n_chunks) if (m := chunks.done(c)) is not None}
-    todo = [c for c in range(the_plan.n_chunks) if c not in finished]
-    shard_tokens = sum(p.tokens for p in the_plan.packs)
-    if finished:
-        log.info("resuming: %d of %d chunks already done in %s", len(finished), the_plan.n_chunks, chunks.dir)
     with contextlib.ExitStack() as stack:
-        if todo or spot_check:
-            t_load = time.perf_counter()
-            loaded = model if isinstance(model, LoadedModel) else load_model(model, options.model_dir)
-            dev = stack.enter_context(acquire_device(opts.lock_dir, opts.device))
-            t_device = time.perf_counter()
-            dtype = compute_dtype(dev, opts.dtype)
-            embedder = Embedder(loaded, dev, dtype, opts.attention)
-            outputs = Outputs.resolve(loaded.num_layers, opts)
-            started = process_seconds()  # the interpreter, imports, model load and transfer
-            log.info("ready %.1f s after the process started (checkpoint read %.1f s, onto the device %.1f s): %s on %s, %s, "
-                     "attention %s", started or float("nan"), t_device - t_load, time.perf_counter() - t_device, loaded.name, dev,
-                     dtype, embedder.backend)
-        for c in todo:
-            lo, hi = the_plan.chunks[c], the_plan.chunks[c + 1]
-            sub = the_plan.chunk(c)
-            log.info("chunk %d/%d: records %d-%d, %d packs of <= %d tokens", c + 1, the_plan.n_chunks, lo, hi, len(sub.packs),
-                     sub.budget)
-            result = embedder.embed(shard_t["sequence"].slice(lo, hi - lo).to_pylist(), sub, outputs,
-                                    ids=shard_t["id"].slice(lo, hi - lo).to_pylist())
-            result.stats["startup_seconds"] = started if c == todo[0] else None
-            meta = provenance(loaded, outputs, embedder.dtype_name, opts.output_dtype, result.stats)
-            write_table(_chunk_table(shard_t, lo, hi, sub, result, opts.output_dtype, meta), chunks.path(c))
-            finished[c] = result.stats
-            done = sum(finished[k]["tokens"] for k in finished)
-            left = shard_tokens - done
-            log.info("chunk %d/%d written: %d tokens of the shard done, %.0f tokens/s, ETA %.0f s", c + 1, the_plan.n_chunks,
-                     done, result.stats["tokens_per_s"], left / max(result.stats["tokens_per_s"], 1e-9))
-        stats = {**_assemble(chunks, the_plan.n_chunks, finished, out), "resumed_chunks": the_plan.n_chunks - len(todo),
-                 # this job's start-up: process start to its first pack, then that pack (compilation)
-                 **{k: finished[todo[0]][k] if todo else None for k in ("startup_seconds", "first_pack_seconds")}}
+        dev = stack.enter_context(acquire_device(opts.lock_dir, opts.device))
+        # the model goes onto the device while the shard and its plan are read and checked
+        loading = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="model-to-device")).submit(_engine, model, dev, options)
+        shard_t = pq.read_table(shard)  # one shard: its sequences at a byte per residue
+        the_plan = load_plan(plan)
+        if the_plan.n_records != shard_t.num_rows:
+            raise ValueError(f"{plan} plans {the_plan.n_records} records but {shard} has {shard_t.num_rows}")
+        chunks = Chunks(out, chunk_key(shard, plan, model, options))
+        n = the_plan.n_chunks
+        finished = {c: m for c in range(n) if (m := chunks.done(c)) is not None}
+        todo = [c for c in range(n) if c not in finished]
+        shard_tokens = sum(p.tokens for p in the_plan.packs)
+        if finished:
+            log.info("resuming: %d of %d chunks already done in %s", len(finished), n, chunks.dir)
+        loaded, embedder, outputs, t_load, t_device = loading.result()
+        started = process_seconds()  # the interpreter, imports, model load and transfer
+        log.info("ready %.1f s after the process started (checkpoint read %.1f s, onto the device %.1f s): %s on %s, %s, "
+                 "attention %s", started or float("nan"), t_load, t_device, loaded.name, dev, embedder.dtype_name, embedder.backend)
+        with atomic_path(out) as tmp:
+            writer = _Writer(chunks, tmp, keep_chunks=n > 1)
+            for c in range(n):
+                if c in finished:
+                    writer.submit(c, lambda c=c: pq.read_table(chunks.path(c)))
+                    continue
+                lo, hi = the_plan.chunks[c], the_plan.chunks[c + 1]
+                sub = the_plan.chunk(c)
+                log.info("chunk %d/%d: records %d-%d, %d packs of <= %d tokens", c + 1, n, lo, hi, len(sub.packs), sub.budget)
+                result = embedder.embed(shard_t["sequence"].slice(lo, hi - lo).to_pylist(), sub, outputs,
+                                        ids=shard_t["id"].slice(lo, hi - lo).to_pylist())
+                result.stats["startup_seconds"] = started if c == todo[0] else None
+                meta = provenance(loaded, outputs, embedder.dtype_name, opts.output_dtype, result.stats)
+                writer.submit(c, lambda lo=lo, hi=hi, sub=sub, result=result, meta=meta:
+                              _chunk_table(shard_t, lo, hi, sub, result, opts.output_dtype, meta))
+                finished[c] = result.stats
+                done = sum(finished[k]["tokens"] for k in finished)
+                log.info("chunk %d/%d done: %d tokens of the shard, %.0f tokens/s, ETA %.0f s", c + 1, n, done,
+                         result.stats["tokens_per_s"], (shard_tokens - done) / max(result.stats["tokens_per_s"], 1e-9))
+                del result
+            stats = {**_sum_stats([finished[c] for c in range(n)]), "resumed_chunks": n - len(todo),
+                     # this job's start-up: process start to its first pack, then that pack (compilation)
+                     **{k: finished[todo[0]][k] if todo else None for k in ("startup_seconds", "first_pack_seconds")}}
+            writer.close(stats)
+        shutil.rmtree(chunks.dir)
         if spot_check:
             from . import spot_check as check
 
@@ -165,26 +218,19 @@ def run(shard: str | Path, plan: str | Path, model: str | LoadedModel, out: str 
     return stats
 
 
-def _assemble(chunks: Chunks, n: int, finished: dict[int, dict], out: Path) -> dict:
-    """The chunks, in row order, into ``out`` (one chunk in memory; a single chunk is renamed), with
-    their statistics summed."""
-    parts = [finished[c] for c in range(n)]
-    stats = {**parts[-1], **{k: sum(p[k] for p in parts) for k in ("records", "packs", "tokens", "seconds")}, "chunks": n}
+def _engine(model: str | LoadedModel, dev: str, options: Options) -> tuple[LoadedModel, Embedder, Outputs, float, float]:
+    """The model loaded and on ``dev``, with the seconds each took."""
+    t0 = time.perf_counter()
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, options.model_dir)
+    t1 = time.perf_counter()
+    embedder = Embedder(loaded, dev, compute_dtype(dev, options.embedding.dtype), options.embedding.attention)
+    return loaded, embedder, Outputs.resolve(loaded.num_layers, options.embedding), t1 - t0, time.perf_counter() - t1
+
+
+def _sum_stats(parts: list[dict]) -> dict:
+    """The chunks' statistics summed (the last chunk's for the rest: device, dtype, ...)."""
+    stats = {**parts[-1], **{k: sum(p[k] for p in parts) for k in ("records", "packs", "tokens", "seconds")}, "chunks": len(parts)}
     stats["tokens_per_s"] = stats["tokens"] / stats["seconds"] if stats["seconds"] else 0.0
-    if n == 1:
-        os.replace(chunks.path(0), out)
-    else:
-        meta = dict(pq.read_schema(chunks.path(0)).metadata)
-        meta[b"virnucpro"] = json.dumps({**json.loads(meta[b"virnucpro"]), "run": stats}, sort_keys=True).encode()
-        with atomic_path(out) as tmp:
-            writer = None
-            for c in range(n):
-                table = pq.read_table(chunks.path(c)).replace_schema_metadata(meta)
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
-                writer.write_table(table, row_group_size=row_group_rows(table))
-            writer.close()
-    shutil.rmtree(chunks.dir)
     return stats
 
 

@@ -1,0 +1,172 @@
+"""Engines A/B, one process, one GPU: where the non-GEMM time goes and what removes it.
+
+    mkdir -p .dev/old && git archive <commit> src | tar -x -C .dev/old
+    OUT=. python benchmarks/engine_variants.py [--shapes 650M,3B] [--budget 65536] [--old .dev/old]
+
+Each engine runs the whole embed loop (prefetch, forward, pooling) over the same plan; the first
+pass compiles, then the median of ``--repeats`` passes, the engines' passes interleaved. Pooled
+outputs are compared with the first engine's. The top GPU kernels of each are listed (torch
+profiler). First, the Triton rotary kernel against the PyTorch rotary it replaces. Writes
+$OUT/<name> after every row.
+
+The run that chose the current layout (benchmarks/results/engine-variants-nvidia-h200-2026-11-30.json)
+had these variants of the earlier engine: the pooling without boolean indexing (no change), the
+feed-forward's last bias and residual add moved into the next layer's layer-norm kernel (+0.8%),
+coordinate-descent tuning (+2.5%), max-autotune (+1% more, cuBLAS won every GEMM, 2 min compile),
+budget 131072 (+0.5%). Its profile showed Inductor's rotary kernel at 15% of the 650M forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, "benchmarks")
+from bench_embed import SHAPES, dataset, matmul_peak, sync_time  # noqa: E402
+from virnucpro_core import embed as embed_module  # noqa: E402
+from virnucpro_core import kernels  # noqa: E402
+from virnucpro_core.attention import position_ids, resolve_backend, rotary_tables  # noqa: E402
+from virnucpro_core.model import LoadedModel, build_esm2  # noqa: E402
+from virnucpro_core.options import ESM2_MODELS, EmbeddingOptions  # noqa: E402
+from virnucpro_core.packed_esm import rotate_qk  # noqa: E402
+from virnucpro_core.packing import build_plan  # noqa: E402
+
+
+def load_old(path: str):
+    """The embed module of an earlier checkout of src/ (``git archive``), as package ``oldcore``."""
+    spec = importlib.util.spec_from_file_location("oldcore", f"{path}/src/virnucpro_core/__init__.py",
+                                                  submodule_search_locations=[f"{path}/src/virnucpro_core"])
+    pkg = importlib.util.module_from_spec(spec)
+    sys.modules["oldcore"] = pkg
+    spec.loader.exec_module(pkg)
+    import oldcore.embed
+
+    return oldcore.embed
+
+
+def rotary_check(doc: dict) -> None:
+    """The Triton rotary kernel against the PyTorch rotary, eager and compiled; v as a view of qkv in attention."""
+    from triton.testing import do_bench
+
+    compiled = torch.compile(rotate_qk, dynamic=True, options={"coordinate_descent_tuning": True})
+    for heads in (20, 40):
+        T = 65536
+        torch.manual_seed(0)
+        qkv = (torch.randn(T, 3, heads, 64, device="cuda") * 3).to(torch.bfloat16)
+        lengths = torch.randint(30, 1024, (T // 30,))
+        cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+        cu = cu[cu <= T]
+        cu = torch.cat([cu, torch.tensor([T])]).to(torch.int32).cuda()
+        cos, sin = rotary_tables(position_ids(cu, T), 64)
+        ref = rotate_qk(qkv, cos, sin)
+        tri = kernels.rotary_qk(qkv, cos, sin)
+        comp = compiled(qkv, cos, sin)
+        row = {"heads": heads, "tokens": T,
+               "triton_vs_eager_max_abs": max(float((a.float() - b.float()).abs().max()) for a, b in zip(tri, ref)),
+               "triton_vs_eager_differing_fraction": sum(float((a != b).float().mean()) for a, b in zip(tri, ref)) / 2,
+               "compiled_vs_eager_max_abs": max(float((a.float() - b.float()).abs().max()) for a, b in zip(comp, ref)),
+               "eager_ms": do_bench(lambda: rotate_qk(qkv, cos, sin), return_mode="median"),
+               "compiled_ms": do_bench(lambda: compiled(qkv, cos, sin), return_mode="median"),
+               "triton_ms": do_bench(lambda: kernels.rotary_qk(qkv, cos, sin), return_mode="median")}
+        row["triton_GBps"] = T * heads * 64 * 2 * 2 * 2 / row["triton_ms"] / 1e6
+        _, attend = resolve_backend(qkv.device, qkv.dtype)
+        q, k = tri
+        a1 = attend(q, k, qkv[:, 2], cu, 1024, 0.125)
+        a2 = attend(q, k, qkv[:, 2].contiguous(), cu, 1024, 0.125)
+        row["v_view_vs_contiguous_max_abs"] = float((a1.float() - a2.float()).abs().max())
+        doc["rotary"].append(row)
+        print(json.dumps(row), flush=True)
+
+
+def top_kernels(emb, seqs, plan, outputs, n=25) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        emb.embed(seqs, plan, outputs, progress_every=1e9)
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    rows = [(e.key, e.count, e.self_device_time_total / 1e6) for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    rows.sort(key=lambda r: -r[2])
+    kernel = sum(r[2] for r in rows)
+    return {"wall_s": wall, "kernel_s": kernel, "host_gap_share": max(0.0, 1 - kernel / wall),
+            "top": [{"kernel": k[:160], "calls": c, "s": s, "share": s / wall} for k, c, s in rows[:n]]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="650M,3B")
+    ap.add_argument("--budget", type=int, default=65536)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--old", help="an earlier checkout (git archive of src/) to compare with")
+    ap.add_argument("--name", default="variants.json")
+    args = ap.parse_args()
+    out_path = os.path.join(os.environ.get("OUT", "."), args.name)
+    peak = matmul_peak()
+    doc = {"device": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+           "bf16_peak_tflops": peak / 1e12, "rotary": [], "rows": [], "kernels": {}}
+    print(f"peak {peak / 1e12:.0f} TFLOP/s", flush=True)
+    rotary_check(doc)
+    modules = {"new": embed_module}
+    if args.old:
+        modules = {"old": load_old(args.old), **modules}
+    for shape in args.shapes.split(","):
+        name = SHAPES[shape]
+        layers, dim, heads = ESM2_MODELS[name]
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            esm2 = build_esm2(layers, dim, heads)
+        esm2 = esm2.to(torch.bfloat16).eval()
+        params = sum(p.numel() for p in esm2.parameters())
+        seqs = dataset("uniref", 1_000_000 if shape != "3B" else 500_000)
+        lengths = [len(s) for s in seqs]
+        tokens = sum(x + 2 for x in lengths)
+        plan = build_plan(lengths, args.budget, "truncate", 0)
+        engines, firsts, pooled = {}, {}, {}
+        for label, mod in modules.items():
+            loaded = LoadedModel(esm2, esm2.alphabet, name, "random", "-")
+            emb = mod.Embedder(loaded, "cuda", "bfloat16", "auto", compile=True)
+            outputs = mod.Outputs.resolve(layers, EmbeddingOptions())
+            t0 = time.perf_counter()
+            pooled[label] = emb.embed(seqs, plan, outputs, progress_every=1e9).pooled["embedding"]
+            torch.cuda.synchronize()
+            firsts[label] = time.perf_counter() - t0
+            engines[label] = (emb, outputs)
+        times = {k: [] for k in engines}
+        for _ in range(args.repeats):
+            for label, (emb, outputs) in engines.items():
+                times[label].append(sync_time(lambda: emb.embed(seqs, plan, outputs, progress_every=1e9)))
+        ref = next(iter(pooled.values()))
+        for label, (emb, outputs) in engines.items():
+            got = pooled[label]
+            cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+            tps = tokens / statistics.median(times[label])
+            row = {"model": name, "engine": label, "budget": args.budget, "tok_per_s": tps, "mfu": tps * 2 * params / peak,
+                   "first_pass_s": firsts[label], "runs_s": times[label],
+                   "min_cos_vs_first": float(cos.min()), "max_abs_vs_first": float(np.abs(got - ref).max())}
+            doc["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            k = top_kernels(emb, seqs, plan, outputs)
+            doc["kernels"][f"{name}/{label}"] = k
+            print(f"{label}: host gap {100 * k['host_gap_share']:.1f}%", flush=True)
+            for r in k["top"][:14]:
+                print(f"  {100 * r['share']:5.1f}% {r['calls']:6d}  {r['kernel'][:110]}", flush=True)
+            with open(out_path, "w") as f:
+                json.dump(doc, f, indent=1)
+        engines = esm2 = None
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
