@@ -57,6 +57,16 @@ def dataset(kind: str, n_tokens: int, seed: int = 0) -> list[str]:
     return [alphabet[rng.integers(0, 20, n)].tobytes().decode() for n in lengths]
 
 
+def random_esm2(shape: str):
+    """Random weights of a real shape on the GPU, bf16: (fair-esm name, model, parameter count)."""
+    name = SHAPES[shape]
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        esm2 = build_esm2(*ESM2_MODELS[name])
+    esm2 = esm2.to(torch.bfloat16).eval()
+    return name, esm2, sum(p.numel() for p in esm2.parameters())
+
+
 def sync_time(fn) -> float:
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -135,8 +145,9 @@ def run_esm_extract(model, alphabet, fasta: Path, toks_per_batch: int = 4096) ->
     return means
 
 
-def profile_engine(emb, seqs, plan, outputs) -> dict:
-    """Share of GPU kernel time by kind over one pass, and the host gap (wall - kernel time)."""
+def profile_engine(emb, seqs, plan, outputs, top: int = 0) -> dict:
+    """Share of GPU kernel time by kind over one pass, the host gap (wall - kernel time), and the
+    ``top`` kernels by time."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -149,15 +160,17 @@ def profile_engine(emb, seqs, plan, outputs) -> dict:
     kinds = {"attention": ("flash", "fmha", "attention"), "gemm": ("gemm", "cutlass", "nvjet", "xmma", "cublas", "sm90_"),
              "element-wise, norm, rotary (Triton, fused)": ("triton", "rotary"), "copies": ("memcpy", "memset", "copy")}
     totals: dict[str, float] = {}
-    for e in prof.key_averages():
-        if e.device_type.name != "CUDA":
-            continue
-        name = e.key.lower()
-        kind = next((k for k, keys in kinds.items() if any(x in name for x in keys)), "other")
-        totals[kind] = totals.get(kind, 0.0) + e.self_device_time_total / 1e6
+    rows = sorted(((e.key, e.count, e.self_device_time_total / 1e6) for e in prof.key_averages() if e.device_type.name == "CUDA"),
+                  key=lambda r: -r[2])
+    for key, _, seconds in rows:
+        kind = next((k for k, keys in kinds.items() if any(x in key.lower() for x in keys)), "other")
+        totals[kind] = totals.get(kind, 0.0) + seconds
     kernel = sum(totals.values())
-    return {"wall_s": wall, "kernel_s": kernel, "share_of_wall": {k: v / wall for k, v in sorted(totals.items())},
-            "host_gap_share": max(0.0, 1 - kernel / wall)}
+    out = {"wall_s": wall, "kernel_s": kernel, "share_of_wall": {k: v / wall for k, v in sorted(totals.items())},
+           "host_gap_share": max(0.0, 1 - kernel / wall)}
+    if top:
+        out["top"] = [{"kernel": k[:160], "calls": c, "s": s, "share": s / wall} for k, c, s in rows[:top]]
+    return out
 
 
 @torch.inference_mode()
@@ -229,13 +242,8 @@ def main() -> int:
         return tps
 
     for shape in args.shapes.split(","):
-        name = SHAPES[shape]
+        name, esm2, params = random_esm2(shape)
         layers, dim, heads = ESM2_MODELS[name]
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            esm2 = build_esm2(layers, dim, heads)
-        esm2 = esm2.to(torch.bfloat16).eval()
-        params = sum(p.numel() for p in esm2.parameters())
         loaded = LoadedModel(esm2, esm2.alphabet, name, "random", "-")
         datasets = [d for d in args.datasets.split(",") if d == "uniref" or shape == "650M"]
         for data in datasets:

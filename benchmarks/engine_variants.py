@@ -31,12 +31,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, "benchmarks")
-from bench_embed import SHAPES, dataset, matmul_peak, sync_time  # noqa: E402
+from bench_embed import dataset, matmul_peak, profile_engine, random_esm2, sync_time  # noqa: E402
 from virnucpro_core import embed as embed_module  # noqa: E402
 from virnucpro_core import kernels  # noqa: E402
 from virnucpro_core.attention import position_ids, resolve_backend, rotary_tables  # noqa: E402
-from virnucpro_core.model import LoadedModel, build_esm2  # noqa: E402
-from virnucpro_core.options import ESM2_MODELS, EmbeddingOptions  # noqa: E402
+from virnucpro_core.model import LoadedModel  # noqa: E402
+from virnucpro_core.options import EmbeddingOptions  # noqa: E402
 from virnucpro_core.packed_esm import rotate_qk  # noqa: E402
 from virnucpro_core.packing import build_plan  # noqa: E402
 
@@ -87,22 +87,6 @@ def rotary_check(doc: dict) -> None:
         print(json.dumps(row), flush=True)
 
 
-def top_kernels(emb, seqs, plan, outputs, n=25) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        emb.embed(seqs, plan, outputs, progress_every=1e9)
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - t
-    rows = [(e.key, e.count, e.self_device_time_total / 1e6) for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    rows.sort(key=lambda r: -r[2])
-    kernel = sum(r[2] for r in rows)
-    return {"wall_s": wall, "kernel_s": kernel, "host_gap_share": max(0.0, 1 - kernel / wall),
-            "top": [{"kernel": k[:160], "calls": c, "s": s, "share": s / wall} for k, c, s in rows[:n]]}
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="650M,3B")
@@ -121,13 +105,8 @@ def main() -> int:
     if args.old:
         modules = {"old": load_old(args.old), **modules}
     for shape in args.shapes.split(","):
-        name = SHAPES[shape]
-        layers, dim, heads = ESM2_MODELS[name]
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            esm2 = build_esm2(layers, dim, heads)
-        esm2 = esm2.to(torch.bfloat16).eval()
-        params = sum(p.numel() for p in esm2.parameters())
+        name, esm2, params = random_esm2(shape)
+        layers = esm2.num_layers
         seqs = dataset("uniref", 1_000_000 if shape != "3B" else 500_000)
         lengths = [len(s) for s in seqs]
         tokens = sum(x + 2 for x in lengths)
@@ -156,7 +135,7 @@ def main() -> int:
                    "min_cos_vs_first": float(cos.min()), "max_abs_vs_first": float(np.abs(got - ref).max())}
             doc["rows"].append(row)
             print(json.dumps(row), flush=True)
-            k = top_kernels(emb, seqs, plan, outputs)
+            k = profile_engine(emb, seqs, plan, outputs, top=25)
             doc["kernels"][f"{name}/{label}"] = k
             print(f"{label}: host gap {100 * k['host_gap_share']:.1f}%", flush=True)
             for r in k["top"][:14]:
