@@ -18,7 +18,7 @@ from conftest import random_protein
 from virnucpro_core import files
 from virnucpro_core.options import Options
 from virnucpro_core.stages import embed, merge, plan, shard, spot_check
-from virnucpro_core.parquet import column_array
+from virnucpro_core.parquet import column_array, read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "resources/example/esm2_t2_tiny_random.pt"
@@ -222,10 +222,12 @@ def test_a_failed_embed_job_resumes_from_its_chunks_and_discards_chunks_of_other
     with pytest.raises(RuntimeError, match="killed"):
         embed.run(s, p, str(MODEL), out, opts)
     monkeypatch.setattr(embed.Embedder, "embed", real)
-    assert not out.exists()
+    assert not out.exists() and not list(d.glob(".emb.parquet.*.tmp"))
     again = embed.run(s, p, str(MODEL), out, opts)
-    assert again["resumed_chunks"] == 2
+    assert again["resumed_chunks"] == 2  # the 2nd chunk, still being written when the 3rd failed, was finished
     assert pq.read_table(out).select(ref.column_names).equals(ref.select(ref.column_names))  # bit for bit
+    run_stats = read_metadata(out)["run"]  # the job's statistics, in the footer
+    assert run_stats["records"] == 300 and run_stats["chunks"] == first["chunks"] and run_stats["resumed_chunks"] == 2
 
     # a folder left by a job of other options (here float16 output) is not used
     out.unlink()
@@ -233,6 +235,31 @@ def test_a_failed_embed_job_resumes_from_its_chunks_and_discards_chunks_of_other
     files.write_table(ref.slice(0, 3), other.path(0))
     third = embed.run(s, p, str(MODEL), out, opts)
     assert third["resumed_chunks"] == 0 and pq.read_table(out)["embedding"].equals(ref["embedding"])
+
+
+def test_a_failed_write_stops_the_embed_job_and_the_rerun_resumes(tmp_path, monkeypatch):
+    d = tmp_path / "w"
+    opts = cpu_options(d, shards=1, **{"packing.chunk_tokens": 8192})
+    shard.run([str(EXAMPLE)], d / "shards", opts)
+    s, p, out = d / "shards/shard_0000.parquet", d / "plan.parquet", d / "emb.parquet"
+    plan.run(s, p, None, opts)
+    appends, real = [], pq.ParquetWriter.write_table
+
+    def disk_full_on_second_append(self, table, *args, **kwargs):
+        if Path(self.where).name.startswith(".emb.parquet."):  # the shard output, not a chunk file
+            appends.append(table.num_rows)
+            if len(appends) == 2:
+                raise OSError(28, "No space left on device")
+        return real(self, table, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", disk_full_on_second_append)
+    with pytest.raises(OSError, match="No space left on device"):
+        embed.run(s, p, str(MODEL), out, opts)
+    assert not out.exists() and not list(d.glob(".emb.parquet.*.tmp"))  # nothing partial, nothing left behind
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", real)
+    again = embed.run(s, p, str(MODEL), out, opts)
+    assert again["resumed_chunks"] == 2  # each chunk's own file is written before it is appended
+    assert pq.read_table(out).num_rows == 300 and not (d / "emb.parquet.chunks").exists()
 
 
 # ------------------------------------------------------------------ determinism and accounting (in process)

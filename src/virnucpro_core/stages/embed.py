@@ -134,10 +134,27 @@ class _Writer:
             pending.result()  # a failed write is raised here
 
     def close(self, stats: dict) -> None:
+        """The last write done, the job's statistics into the footer."""
         self.wait()
-        self.pool.shutdown()
         self.writer.add_key_value_metadata({RUN_KEY: json.dumps(stats, sort_keys=True)})
         self.writer.close()
+        self.writer = None
+
+    def __enter__(self) -> "_Writer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """On an error, the chunk being written is still finished (a rerun resumes from it)."""
+        try:
+            if exc_type is not None and self.pending is not None:
+                try:
+                    self.wait()
+                except Exception as write_error:  # the error already raised says more
+                    log.warning("writing the last finished chunk failed too: %s", write_error)
+        finally:
+            self.pool.shutdown()
+            if self.writer is not None:
+                self.writer.close()
 
 
 def read_metadata_of(table: pa.Table) -> dict:
@@ -185,8 +202,7 @@ def run(shard: str | Path, plan: str | Path, model: str | LoadedModel, out: str 
         started = process_seconds()  # the interpreter, imports, model load and transfer
         log.info("ready %.1f s after the process started (checkpoint read %.1f s, onto the device %.1f s): %s on %s, %s, "
                  "attention %s", started or float("nan"), t_load, t_device, loaded.name, dev, embedder.dtype_name, embedder.backend)
-        with atomic_path(out) as tmp:
-            writer = _Writer(chunks, tmp, keep_chunks=n > 1)
+        with atomic_path(out) as tmp, _Writer(chunks, tmp, keep_chunks=n > 1) as writer:
             for c in range(n):
                 if c in finished:
                     writer.submit(c, lambda c=c: pq.read_table(chunks.path(c)))
