@@ -4,7 +4,10 @@ Reuses the weights of a fair-esm ``ESM2`` (q/k/v fused into one projection) and 
 what fair-esm's forward computes, sequence by sequence:
 token-dropout scale, pre-LN layers, rotary q/k (fp32 tables, positions restarting at every
 sequence), varlen attention with scale 1/sqrt(head_dim), exact erf GELU, final layer norm.
-The residual stream is kept in fp32; the matmuls run in the model's dtype.
+The residual stream is kept in fp32; the matmuls run in the model's dtype. On a GPU the two
+element-wise regions of a layer are compiled (``attn_in``: the previous layer's last bias and
+residual add, layer norm, q/k/v; ``attn_out_ffn``: output projection to the last feed-forward
+matmul) and rotary q/k is one Triton kernel (:mod:`.kernels`).
 
 Shapes: T tokens in the pack, D model dim, H heads, d = D / H head dim, S sequences.
 """
