@@ -117,10 +117,14 @@ def test_every_job_stays_within_the_memory_it_asks_for(run):
         asked[f"packing_plan/{shard.stem}"] = resources.plan_mb(mb(shard))
         asked[f"embed_shard/{shard.stem}"] = resources.embed_mb(Options(), mb(MODEL), 64, mb(shard))
     assert len(asked) == 10
+    sampled = []
     for job, limit in asked.items():
         bench = (out / "benchmarks" / f"{job}.tsv").read_text().splitlines()
         max_rss = float(bench[1].split("\t")[2])
-        assert 0 < max_rss <= limit, f"{job}: peak {max_rss:.0f} MB over the {limit} MB it asks for"
+        assert max_rss <= limit, f"{job}: peak {max_rss:.0f} MB over the {limit} MB it asks for"
+        if max_rss > 0:  # Snakemake samples memory at intervals: a job of a second can end unsampled (0)
+            sampled.append(job)
+    assert len(sampled) >= 5 and any(j.startswith("embed_shard") for j in sampled), sampled
 
 
 def test_lint_is_clean():
