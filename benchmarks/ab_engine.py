@@ -8,7 +8,6 @@ model's own Parameters and the rest plain tensors (the earlier engine's mix), an
 torch.compile treats Parameters as static inputs; the variants show what that is worth. (The run
 in benchmarks/results/ab-engine-nvidia-h200-2026-11-30.* named the plain-tensor variant `new`.)
 """
-import importlib.util
 import json
 import os
 import statistics
@@ -19,15 +18,14 @@ import torch
 
 sys.path.insert(0, "benchmarks")
 from bench_embed import dataset
+from engine_variants import load_old
 from virnucpro_core.model import build_esm2
 from virnucpro_core.options import ESM2_MODELS
 from virnucpro_core.packing import build_plan
 from virnucpro_core.tokenizer import Tokenizer
 import virnucpro_core.packed_esm as new
 
-spec = importlib.util.spec_from_file_location("oldcore", ".dev/old/src/virnucpro_core/__init__.py",
-                                              submodule_search_locations=[".dev/old/src/virnucpro_core"])
-oldpkg = importlib.util.module_from_spec(spec); sys.modules["oldcore"] = oldpkg; spec.loader.exec_module(oldpkg)
+load_old(".dev/old")
 import oldcore.packed_esm as old
 
 

@@ -42,15 +42,13 @@ from virnucpro_core.packing import build_plan  # noqa: E402
 
 
 def load_old(path: str):
-    """The embed module of an earlier checkout of src/ (``git archive``), as package ``oldcore``."""
+    """The package of an earlier checkout of src/ (``git archive``), imported as ``oldcore``."""
     spec = importlib.util.spec_from_file_location("oldcore", f"{path}/src/virnucpro_core/__init__.py",
                                                   submodule_search_locations=[f"{path}/src/virnucpro_core"])
     pkg = importlib.util.module_from_spec(spec)
     sys.modules["oldcore"] = pkg
     spec.loader.exec_module(pkg)
-    import oldcore.embed
-
-    return oldcore.embed
+    return pkg
 
 
 def rotary_check(doc: dict) -> None:
@@ -103,7 +101,8 @@ def main() -> int:
     rotary_check(doc)
     modules = {"new": embed_module}
     if args.old:
-        modules = {"old": load_old(args.old), **modules}
+        load_old(args.old)
+        modules = {"old": importlib.import_module("oldcore.embed"), **modules}
     for shape in args.shapes.split(","):
         name, esm2, params = random_esm2(shape)
         layers = esm2.num_layers

@@ -201,12 +201,17 @@ def test_sigkill_mid_shard_loses_at_most_one_chunk_and_the_rerun_is_bit_identica
     np.testing.assert_array_equal(column_array(a, "embedding"), column_array(b, "embedding"))
 
 
-def test_a_failed_embed_job_resumes_from_its_chunks_and_discards_chunks_of_other_options(tmp_path, monkeypatch):
-    d = tmp_path / "c"
+def chunked_shard(d):
+    """The example as one shard of about 10 chunks, planned: (folder, options, shard, plan, embeddings path)."""
     opts = cpu_options(d, shards=1, **{"packing.chunk_tokens": 8192})
     shard.run([str(EXAMPLE)], d / "shards", opts)
-    s, p, out = d / "shards/shard_0000.parquet", d / "plan.parquet", d / "emb.parquet"
+    s, p = d / "shards/shard_0000.parquet", d / "plan.parquet"
     plan.run(s, p, None, opts)
+    return d, opts, s, p, d / "emb.parquet"
+
+
+def test_a_failed_embed_job_resumes_from_its_chunks_and_discards_chunks_of_other_options(tmp_path, monkeypatch):
+    d, opts, s, p, out = chunked_shard(tmp_path / "c")
     first = embed.run(s, p, str(MODEL), out, opts)
     assert first["chunks"] >= 5 and first["resumed_chunks"] == 0 and first["records"] == 300
     ref = pq.read_table(out)
@@ -238,11 +243,7 @@ def test_a_failed_embed_job_resumes_from_its_chunks_and_discards_chunks_of_other
 
 
 def test_a_failed_write_stops_the_embed_job_and_the_rerun_resumes(tmp_path, monkeypatch):
-    d = tmp_path / "w"
-    opts = cpu_options(d, shards=1, **{"packing.chunk_tokens": 8192})
-    shard.run([str(EXAMPLE)], d / "shards", opts)
-    s, p, out = d / "shards/shard_0000.parquet", d / "plan.parquet", d / "emb.parquet"
-    plan.run(s, p, None, opts)
+    d, opts, s, p, out = chunked_shard(tmp_path / "w")
     appends, real = [], pq.ParquetWriter.write_table
 
     def disk_full_on_second_append(self, table, *args, **kwargs):

@@ -41,6 +41,11 @@ def embeddings_table(
 RUN_KEY = b"virnucpro.run"  # a file written as it goes: its run statistics, added to the footer at the end
 
 
+def provenance_of(kv: dict | None) -> dict:
+    """The ``virnucpro`` provenance in Parquet key-value (or Arrow schema) metadata."""
+    return json.loads((kv or {}).get(b"virnucpro", b"{}"))
+
+
 def read_metadata(path: str | Path) -> dict:
     """The ``virnucpro`` provenance of an embeddings file (or of a dataset folder's first part), with
     its ``run`` statistics."""
@@ -48,7 +53,7 @@ def read_metadata(path: str | Path) -> dict:
     if path.is_dir():
         path = min(path.glob("*.parquet"))
     kv = pq.read_metadata(path).metadata or {}
-    meta = json.loads(kv.get(b"virnucpro", b"{}"))
+    meta = provenance_of(kv)
     if RUN_KEY in kv:
         meta["run"] = json.loads(kv[RUN_KEY])
     return meta

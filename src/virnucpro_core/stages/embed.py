@@ -35,7 +35,7 @@ from ..files import atomic_path, row_group_rows, sha256
 from ..model import LoadedModel, load_model
 from ..options import Options
 from ..packing import Plan, load_plan
-from ..parquet import RUN_KEY, embeddings_table, read_metadata
+from ..parquet import RUN_KEY, embeddings_table, provenance_of, read_metadata
 from .shard import BOOKKEEPING, NUCLEOTIDE_COLUMNS, sequence_lengths
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ class _Writer:
 
     def _append(self, table: pa.Table) -> None:
         if self.writer is None:
-            meta = read_metadata_of(table)
+            meta = provenance_of(table.schema.metadata)
             meta.pop("run", None)  # the whole job's statistics go to the footer at the end
             self.writer = pq.ParquetWriter(self.tmp, table.schema.with_metadata({"virnucpro": json.dumps(meta, sort_keys=True)}),
                                            compression="zstd")
@@ -155,10 +155,6 @@ class _Writer:
             self.pool.shutdown()
             if self.writer is not None:
                 self.writer.close()
-
-
-def read_metadata_of(table: pa.Table) -> dict:
-    return json.loads((table.schema.metadata or {}).get(b"virnucpro", b"{}"))
 
 
 def _chunk_table(shard_t: pa.Table, lo: int, hi: int, sub: Plan, result: EmbedResult, outputs_dtype: str, meta: dict) -> pa.Table:
