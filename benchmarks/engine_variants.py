@@ -85,60 +85,132 @@ def rotary_check(doc: dict) -> None:
         print(json.dumps(row), flush=True)
 
 
+def cudnn_attend(q, k, v, cu, max_seqlen, scale):
+    """cuDNN's fused attention on ragged (packed) q/k/v: PyTorch has the op but its ``varlen_attn``
+    does not route to it yet."""
+    return torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu, cu, max_seqlen, max_seqlen, False, 0.0, False, False,
+                                                   scale=scale)[0]
+
+
+def cudnn_fixed_attend(q, k, v, cu, max_seqlen, scale):
+    """The same with the longest sequence always 1024 tokens: fewer cuDNN graphs to build."""
+    return cudnn_attend(q, k, v, cu, 1024, scale)
+
+
+# variant name -> change to a fresh Embedder of the current package
+VARIANTS = {
+    "current": lambda emb: None,
+    "cudnn": lambda emb: setattr(emb.packed, "attend", cudnn_attend),
+    "cudnn_fixed": lambda emb: setattr(emb.packed, "attend", cudnn_fixed_attend),
+}
+
+
+def attention_check(doc: dict) -> None:
+    """PyTorch's varlen FlashAttention against cuDNN's ragged attention on one pack: time and difference."""
+    from triton.testing import do_bench
+
+    for heads in (20, 40):
+        T = 65536
+        torch.manual_seed(0)
+        q, k, v = ((torch.randn(T, heads, 64, device="cuda") * 2).to(torch.bfloat16) for _ in range(3))
+        lengths = np.clip(np.random.default_rng(0).lognormal(np.log(300), 0.6, T // 100), 30, 1022).astype(np.int64) + 2
+        cu = np.concatenate([[0], np.cumsum(lengths)])
+        cu = torch.tensor(np.append(cu[cu < T], T), dtype=torch.int32, device="cuda")
+        _, fa = resolve_backend(q.device, q.dtype)
+        row = {"heads": heads, "tokens": T, "sequences": len(cu) - 1, "fa_ms": do_bench(lambda: fa(q, k, v, cu, 1024, 0.125), return_mode="median")}
+        ref = fa(q, k, v, cu, 1024, 0.125)
+        for name, fn in (("cudnn", cudnn_attend), ("cudnn_fixed", cudnn_fixed_attend)):
+            try:
+                t = time.perf_counter()
+                got = fn(q, k, v, cu, 1024, 0.125)
+                torch.cuda.synchronize()
+                row[f"{name}_first_call_s"] = time.perf_counter() - t
+                row[f"{name}_max_abs_vs_fa"] = float((got.float() - ref.float()).abs().max())
+                row[f"{name}_ms"] = do_bench(lambda: fn(q, k, v, cu, 1024, 0.125), return_mode="median")
+                # a pack of other lengths: a new cuDNN graph?
+                cu2 = cu.clone()
+                cu2[1:-1] -= 7
+                t = time.perf_counter()
+                fn(q, k, v, cu2, 1000, 0.125)
+                torch.cuda.synchronize()
+                row[f"{name}_other_pack_s"] = time.perf_counter() - t
+            except Exception as exc:  # noqa: BLE001
+                row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        doc["attention"].append(row)
+        print(json.dumps(row), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="650M,3B")
+    ap.add_argument("--engines", default="old,current", help="variants (VARIANTS, or old with --old), each optionally @budget")
     ap.add_argument("--budget", type=int, default=65536)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--old", help="an earlier checkout (git archive of src/) to compare with")
+    ap.add_argument("--rotary", action="store_true", help="also check the Triton rotary kernel")
+    ap.add_argument("--attention", action="store_true", help="also time cuDNN's ragged attention against FlashAttention")
+    ap.add_argument("--top", type=int, default=14, help="kernels listed per engine (0: no profile)")
     ap.add_argument("--name", default="variants.json")
     args = ap.parse_args()
     out_path = os.path.join(os.environ.get("OUT", "."), args.name)
     peak = matmul_peak()
     doc = {"device": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-           "bf16_peak_tflops": peak / 1e12, "rotary": [], "rows": [], "kernels": {}}
+           "bf16_peak_tflops": peak / 1e12, "rotary": [], "attention": [], "rows": [], "kernels": {}}
     print(f"peak {peak / 1e12:.0f} TFLOP/s", flush=True)
-    rotary_check(doc)
-    modules = {"new": embed_module}
+    if args.rotary:
+        rotary_check(doc)
+    if args.attention:
+        attention_check(doc)
     if args.old:
         load_old(args.old)
-        modules = {"old": importlib.import_module("oldcore.embed"), **modules}
+        old = importlib.import_module("oldcore.embed")
     for shape in args.shapes.split(","):
         name, esm2, params = random_esm2(shape)
         layers = esm2.num_layers
         seqs = dataset("uniref", 1_000_000 if shape != "3B" else 500_000)
         lengths = [len(s) for s in seqs]
         tokens = sum(x + 2 for x in lengths)
-        plan = build_plan(lengths, args.budget, "truncate", 0)
         engines, firsts, pooled = {}, {}, {}
-        for label, mod in modules.items():
+        for label in args.engines.split(","):
+            variant, _, budget = label.partition("@")
+            budget = int(budget or args.budget)
+            mod = old if variant == "old" else embed_module
+            plan = build_plan(lengths, budget, "truncate", 0)
             loaded = LoadedModel(esm2, esm2.alphabet, name, "random", "-")
-            emb = mod.Embedder(loaded, "cuda", "bfloat16", "auto", compile=True)
+            emb = mod.Embedder(loaded, "cuda", "bfloat16", "auto", **({"compile": True} if variant == "old" else {}))
+            if variant != "old":
+                VARIANTS[variant](emb)
             outputs = mod.Outputs.resolve(layers, EmbeddingOptions())
-            t0 = time.perf_counter()
-            pooled[label] = emb.embed(seqs, plan, outputs, progress_every=1e9).pooled["embedding"]
-            torch.cuda.synchronize()
+            try:
+                t0 = time.perf_counter()
+                pooled[label] = emb.embed(seqs, plan, outputs, progress_every=1e9).pooled["embedding"]
+                torch.cuda.synchronize()
+            except Exception as exc:  # noqa: BLE001
+                print(f"{label}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                doc["rows"].append({"model": name, "engine": label, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                continue
             firsts[label] = time.perf_counter() - t0
-            engines[label] = (emb, outputs)
+            engines[label] = (emb, outputs, plan, budget)
         times = {k: [] for k in engines}
         for _ in range(args.repeats):
-            for label, (emb, outputs) in engines.items():
+            for label, (emb, outputs, plan, _) in engines.items():
                 times[label].append(sync_time(lambda: emb.embed(seqs, plan, outputs, progress_every=1e9)))
         ref = next(iter(pooled.values()))
-        for label, (emb, outputs) in engines.items():
+        for label, (emb, outputs, plan, budget) in engines.items():
             got = pooled[label]
             cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
             tps = tokens / statistics.median(times[label])
-            row = {"model": name, "engine": label, "budget": args.budget, "tok_per_s": tps, "mfu": tps * 2 * params / peak,
+            row = {"model": name, "engine": label, "budget": budget, "tok_per_s": tps, "mfu": tps * 2 * params / peak,
                    "first_pass_s": firsts[label], "runs_s": times[label],
                    "min_cos_vs_first": float(cos.min()), "max_abs_vs_first": float(np.abs(got - ref).max())}
             doc["rows"].append(row)
             print(json.dumps(row), flush=True)
-            k = profile_engine(emb, seqs, plan, outputs, top=25)
-            doc["kernels"][f"{name}/{label}"] = k
-            print(f"{label}: host gap {100 * k['host_gap_share']:.1f}%", flush=True)
-            for r in k["top"][:14]:
-                print(f"  {100 * r['share']:5.1f}% {r['calls']:6d}  {r['kernel'][:110]}", flush=True)
+            if args.top:
+                k = profile_engine(emb, seqs, plan, outputs, top=25)
+                doc["kernels"][f"{name}/{label}"] = k
+                print(f"{label}: host gap {100 * k['host_gap_share']:.1f}%", flush=True)
+                for r in k["top"][: args.top]:
+                    print(f"  {100 * r['share']:5.1f}% {r['calls']:6d}  {r['kernel'][:110]}", flush=True)
             with open(out_path, "w") as f:
                 json.dump(doc, f, indent=1)
         engines = esm2 = None

@@ -60,7 +60,7 @@ def metrics(a: torch.Tensor, b: torch.Tensor) -> dict:
     }
 
 
-def run_shape(name: str, factor: float, seed: int, log, device: str = "cuda", compile: bool = False) -> dict:
+def run_shape(name: str, factor: float, seed: int, log, device: str = "cuda") -> dict:
     layers, dim, heads = ESM2_MODELS[name]
     torch.manual_seed(seed)
     with torch.device(device):
@@ -76,10 +76,11 @@ def run_shape(name: str, factor: float, seed: int, log, device: str = "cuda", co
     cu = torch.from_numpy(pack.cu_seqlens).to(device)
     singles = [torch.from_numpy(tok.pack_tokens(seqs, Pack(np.array([i]), np.array([0]), np.array([n])))) for i, n in enumerate(LENGTHS)]
     L = layers
-    result = {"model": name, "sharpen": factor, "layers": L, "dim": dim, "heads": heads, "compiled": compile}
+    result = {"model": name, "sharpen": factor, "layers": L, "dim": dim, "heads": heads}
     result["attention_entropy_frac"] = attention_entropy(model, singles[LENGTHS.index(400)].to(device))
     log(f"{name}: q,k x{factor}: mean attention entropy {result['attention_entropy_frac']:.3f} of uniform")
-    engine = PackedESM2(model, compile=compile)
+    engine = PackedESM2(model)
+    result["fused_kernels"] = engine.fused
     hid = engine(tokens, cu, max(LENGTHS) + 2, [L])[L]
     variants = {"packed": [h.float() for h in residues(hid, cu)]}
     result["backend"] = engine.backend
@@ -133,7 +134,6 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--compile", action="store_true", help="the engine as the embed stage runs it on a GPU (torch.compile)")
     args = ap.parse_args()
     lines = []
 
@@ -143,7 +143,7 @@ def main() -> int:
 
     results = []
     for s in args.shapes.split(","):
-        res = run_shape(SHAPES[s], args.sharpen, args.seed, log, args.device, args.compile)
+        res = run_shape(SHAPES[s], args.sharpen, args.seed, log, args.device)
         results.append(res)
         log(f"\n{res['model']} (backend {res['backend']}): pooled cos / min residue cos / rel L2")
         log(f"{'len':>5} | {'packed vs unpacked':^30} | {'unpacked vs fp32':^30} | {'packed vs fp32':^30} | {'native bf16 vs fp32':^30} | {'packed vs native bf16':^30}")

@@ -16,7 +16,7 @@ from virnucpro_core.tokenizer import Tokenizer
 
 
 def embed(model, seqs, budget=4096, policy="truncate", outputs=None, hook=None):
-    e = Embedder(model, "cpu", "float32", "reference", compile=False)
+    e = Embedder(model, "cpu", "float32", "reference")
     e.fail_hook = hook
     plan = build_plan([len(s) for s in seqs], budget, policy, 200)
     return e.embed(seqs, plan, outputs or Outputs.resolve(model.num_layers, EmbeddingOptions()), ids=[f"seq{i}" for i in range(len(seqs))])

@@ -8,7 +8,7 @@ from virnucpro_core import kernels
 from virnucpro_core.attention import position_ids, rotary_tables
 from virnucpro_core.equivalence import reference_hidden
 from virnucpro_core.model import build_esm2
-from virnucpro_core.packed_esm import PackedESM2, residues, rotate_qk
+from virnucpro_core.packed_esm import PackedESM2, add_layer_norm, residues, rotate_qk
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -27,7 +27,39 @@ def test_triton_rotary_matches_pytorch(heads, head_dim):
         assert float((got != want).float().mean()) < 1e-3
 
 
-def test_compiled_packed_forward_matches_unpacked():
+@pytest.mark.parametrize("dim", [320, 1280, 5120])
+@pytest.mark.parametrize("with_y,with_bias", [(False, False), (True, False), (True, True)])
+def test_triton_add_layer_norm_matches_pytorch(dim, with_y, with_bias):
+    torch.manual_seed(0)
+    T = 3000
+    x = torch.randn(T, dim, device="cuda") * 4
+    y = (torch.randn(T, dim, device="cuda") * 2).to(torch.bfloat16) if with_y else None
+    yb = torch.randn(dim, device="cuda").to(torch.bfloat16) if with_bias else None
+    w, b = torch.randn(dim, device="cuda"), torch.randn(dim, device="cuda")
+    want_x, want_h = add_layer_norm(x.clone(), y, yb, w, b, 1e-5, torch.bfloat16)
+    x_in = x.clone()
+    got_x, got_h = kernels.add_layer_norm(x_in, y, yb, w, b, 1e-5, torch.bfloat16)
+    assert got_x.data_ptr() == x_in.data_ptr()  # the residual is updated in place
+    assert torch.equal(got_x, want_x)  # the same additions in the same order
+    assert got_h.dtype == torch.bfloat16 and got_h.shape == (T, dim)
+    diff = (got_h.float() - want_h.float()).abs()
+    assert bool((diff <= 8e-3 * want_h.float().abs() + 1e-5).all()), float(diff.max())  # one bf16 rounding at most
+    assert float((got_h != want_h).float().mean()) < 1e-3
+
+
+def test_triton_gelu_matches_pytorch():
+    torch.manual_seed(0)
+    x = (torch.randn(4001, 5120, device="cuda") * 3).to(torch.bfloat16)
+    exact = torch.nn.functional.gelu(x.double())
+    got = kernels.gelu_(x.clone())
+    assert got.dtype == torch.bfloat16
+    # the exact value rounded to bf16: within half a bf16 step (2^-8 relative) plus the fp32 arithmetic
+    assert bool(((got.double() - exact).abs() <= 2**-8 * 1.01 * exact.abs() + 1e-6).all())
+    # PyTorch's own bf16 GELU rounds the other way on ties of its fp32 arithmetic: 1.4% of elements on the H200
+    assert float((got != torch.nn.functional.gelu(x)).float().mean()) < 0.05
+
+
+def test_fused_packed_forward_matches_unpacked():
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = build_esm2(6, 320, 20).eval()
@@ -41,8 +73,9 @@ def test_compiled_packed_forward_matches_unpacked():
     singles = [torch.tensor([0, *rng.integers(4, 24, n), 2], device="cuda") for n in lengths]
     tokens = torch.cat(singles)
     cu = torch.tensor(np.cumsum([0, *[n + 2 for n in lengths]]), dtype=torch.int32, device="cuda")
-    packed = residues(PackedESM2(model, compile=True)(tokens, cu, 1002, [6])[6], cu)
+    packed = residues(PackedESM2(model)(tokens, cu, 1002, [6])[6], cu)
     ref = [h[1:-1] for h in reference_hidden(model, singles, 6)]
+    assert PackedESM2(model).fused
     for p, r in zip(packed, ref):
         cos = torch.nn.functional.cosine_similarity(p.float().mean(0), r.float().mean(0), dim=0)
         assert float(cos) > 0.9999

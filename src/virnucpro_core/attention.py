@@ -2,14 +2,13 @@
 
 Backends, chosen automatically and overridable:
 - ``flash_attn``: ``flash_attn.flash_attn_varlen_func`` when the package is installed;
-- ``torch_varlen``: PyTorch's ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention);
+- ``torch_varlen``: PyTorch's own varlen FlashAttention, the kernel ``torch.nn.attention.varlen.varlen_attn``
+  calls, called directly: importing that module imports torch's compiler (5 s of a job's start-up);
 - ``reference``: plain softmax attention one sequence at a time (CPU, any dtype).
 """
 
 from __future__ import annotations
 
-import inspect
-import math
 from typing import Callable
 
 import torch
@@ -26,12 +25,8 @@ def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
             found.append("flash_attn")
         except ImportError:
             pass
-        try:
-            from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-
+        if hasattr(torch.ops.aten, "_flash_attention_forward") and torch.backends.cuda.is_flash_attention_available():
             found.append("torch_varlen")
-        except ImportError:
-            pass
     found.append("reference")
     return found
 
@@ -50,18 +45,11 @@ def resolve_backend(device: torch.device, dtype: torch.dtype, requested: str = "
             return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale)
 
     elif name == "torch_varlen":
-        from torch.nn.attention.varlen import varlen_attn
+        flash = torch.ops.aten._flash_attention_forward
 
-        if "scale" in inspect.signature(varlen_attn).parameters:
-
-            def attend(q, k, v, cu, max_seqlen, scale):
-                return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale)
-
-        else:  # older releases have no scale argument and use 1/sqrt(head_dim), which is ESM's
-
-            def attend(q, k, v, cu, max_seqlen, scale):
-                assert math.isclose(scale, q.shape[-1] ** -0.5)
-                return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen)
+        def attend(q, k, v, cu, max_seqlen, scale):
+            # (query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, is_causal, return_debug_mask) -> (out, ...)
+            return flash(q, k, v, cu, cu, max_seqlen, max_seqlen, 0.0, False, False, scale=scale)[0]
 
     else:
 

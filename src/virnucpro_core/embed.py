@@ -73,6 +73,19 @@ class EmbedResult:
     stats: dict = field(default_factory=dict)
 
 
+def to_device(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """``model`` on ``device``, floating tensors cast to ``dtype`` there (torch casts on the host first
+    otherwise). The tensors are copied by several threads: a checkpoint's memory-mapped pages are
+    read (page faults, from the page cache on a node that has read it before) as they are copied."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    move = lambda t: t.to(device).to(dtype) if t.is_floating_point() else t.to(device)  # noqa: E731
+    with ThreadPoolExecutor(8, thread_name_prefix="to-device") as pool:
+        moved = dict(zip(tensors, pool.map(move, tensors.values())))
+    return model._apply(lambda t: moved[id(t)] if id(t) in moved else move(t))
+
+
 class Embedder:
     def __init__(
         self,
@@ -80,17 +93,14 @@ class Embedder:
         device: str | torch.device,
         dtype: str,
         backend: str,
-        compile: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
-        """``compile``: torch.compile the fused layer parts (default: on a GPU)."""
+        """``fused``: the element-wise work of each layer in Triton kernels (default: on a GPU)."""
         self.device = torch.device(device)
         self.dtype_name = dtype
         cast = DTYPES[dtype]
-        # each tensor onto the device as stored, then cast there (torch casts on the host first otherwise)
-        model = loaded.model._apply(lambda t: t.to(self.device).to(cast) if t.is_floating_point() else t.to(self.device)).eval()
-        if compile is None:
-            compile = self.device.type == "cuda"
-        self.packed = PackedESM2(model, backend, compile=compile)
+        model = to_device(loaded.model, self.device, cast).eval()
+        self.packed = PackedESM2(model, backend, fused=fused)
         self.tokenizer = Tokenizer(loaded.alphabet)
         self.fail_hook = None  # tests: called with each pack before its forward, may raise OOM
         self._ids: list[str] | None = None
@@ -177,7 +187,7 @@ class Embedder:
         first_pack_s = None
         for pi, (pack, tokens, cu) in enumerate(prefetch(self.tokenizer, sequences, plan.packs, self.device)):
             self._run(pack, int(first_item[pi]), tokens, cu, outputs, sink)
-            if first_pack_s is None:  # includes compiling the kernels (or loading them from the cache)
+            if first_pack_s is None:  # includes loading the kernels (compiling them, the first time on a node)
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 first_pack_s = time.perf_counter() - t0

@@ -8,6 +8,7 @@ needs any other global is refused, so a hostile pickle never runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import pickle
 import re
@@ -82,9 +83,28 @@ def save_checkpoint(model: ESM2, path: str | Path) -> None:
     torch.save({"cfg": {"model": cfg}, "model": state}, path)
 
 
+_INITS = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+          "constant_", "ones_", "zeros_")
+
+
+@contextlib.contextmanager
+def _no_random_init():
+    """Module constructors skip their random initialisation: every tensor comes from the file. (Built
+    on the meta device instead, the model's construction imported torch's compiler, through
+    ``normal_`` and arithmetic on meta tensors: 5 s of a job's start-up on the H200 node.)"""
+    saved = {name: getattr(torch.nn.init, name) for name in _INITS}
+    try:
+        for name in _INITS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
 def _model_from_data(data: object, path: Path) -> ESM2:
     cfg, s = shape_of(data, path)  # the config against the tensors present, before anything is allocated
-    with torch.device("meta"):  # no random init: every tensor comes from the file
+    with _no_random_init():  # every tensor comes from the file; torch.empty allocates no pages until written
         model = build_esm2(s.layers, s.embed_dim, s.heads, bool(getattr(cfg, "token_dropout", True)))
     # fair-esm's own key upgrade (esm.pretrained._load_model_and_alphabet_core_v2)
     pattern = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")

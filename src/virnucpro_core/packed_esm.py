@@ -4,10 +4,9 @@ Reuses the weights of a fair-esm ``ESM2`` (q/k/v fused into one projection) and 
 what fair-esm's forward computes, sequence by sequence:
 token-dropout scale, pre-LN layers, rotary q/k (fp32 tables, positions restarting at every
 sequence), varlen attention with scale 1/sqrt(head_dim), exact erf GELU, final layer norm.
-The residual stream is kept in fp32; the matmuls run in the model's dtype. On a GPU the two
-element-wise regions of a layer are compiled (``attn_in``: the previous layer's last bias and
-residual add, layer norm, q/k/v; ``attn_out_ffn``: output projection to the last feed-forward
-matmul) and rotary q/k is one Triton kernel (:mod:`.kernels`).
+The residual stream is kept in fp32; the matmuls run in the model's dtype (cuBLAS). On a GPU the
+element-wise work between them is three Triton kernels (:mod:`.kernels`); elsewhere it is PyTorch
+(the functions below), the same arithmetic in the same order.
 
 Shapes: T tokens in the pack, D model dim, H heads, d = D / H head dim, S sequences.
 """
@@ -46,43 +45,28 @@ class LayerWeights(NamedTuple):
 
     @staticmethod
     def of(layer) -> "LayerWeights":
-        """Every tensor an ``nn.Parameter``: torch.compile takes parameters as static inputs of
-        fixed shape, so Inductor specialises the matmuls (plain tensors were 6% slower, 650M, H200)."""
         sa, ln1, ln2 = layer.self_attn, layer.self_attn_layer_norm, layer.final_layer_norm
         assert ln1.eps == ln2.eps
-        p = lambda t: nn.Parameter(t.detach(), requires_grad=False)  # noqa: E731
         return LayerWeights(
-            attn_ln_w=p(ln1.weight.float()), attn_ln_b=p(ln1.bias.float()),
-            qkv_w=p(torch.cat([sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight])),
-            qkv_b=p(torch.cat([sa.q_proj.bias, sa.k_proj.bias, sa.v_proj.bias])),
-            out_w=p(sa.out_proj.weight), out_b=p(sa.out_proj.bias),
-            ffn_ln_w=p(ln2.weight.float()), ffn_ln_b=p(ln2.bias.float()),
-            fc1_w=p(layer.fc1.weight), fc1_b=p(layer.fc1.bias),
-            fc2_w=p(layer.fc2.weight), fc2_b=p(layer.fc2.bias),
+            attn_ln_w=ln1.weight.detach().float(), attn_ln_b=ln1.bias.detach().float(),
+            qkv_w=torch.cat([sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight]).detach(),
+            qkv_b=torch.cat([sa.q_proj.bias, sa.k_proj.bias, sa.v_proj.bias]).detach(),
+            out_w=sa.out_proj.weight.detach(), out_b=sa.out_proj.bias.detach(),
+            ffn_ln_w=ln2.weight.detach().float(), ffn_ln_b=ln2.bias.detach().float(),
+            fc1_w=layer.fc1.weight.detach(), fc1_b=layer.fc1.bias.detach(),
+            fc2_w=layer.fc2.weight.detach(), fc2_b=layer.fc2.bias.detach(),
             eps=ln1.eps,
         )
 
 
-def attn_in(x: Tensor, w: LayerWeights, heads: int, g: Tensor | None = None, g_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The previous layer's feed-forward output ``g`` (its bias not yet added) into the residual, then
-    pre-LN and the fused q/k/v projection: one kernel reads the residual once for both."""
-    if g is not None:
-        x = x + g.to(x.dtype) + g_bias.to(x.dtype)  # (T, D) fp32
-    h = F.layer_norm(x, (x.shape[-1],), w.attn_ln_w, w.attn_ln_b, w.eps).to(w.qkv_w.dtype)  # (T, D)
-    return x, F.linear(h, w.qkv_w, w.qkv_b).view(x.shape[0], 3, heads, -1)  # (T, 3, H, d)
-
-
-def attn_out_ffn(x: Tensor, a: Tensor, w: LayerWeights) -> tuple[Tensor, Tensor]:
-    """Attention output projection and residual, then pre-LN feed-forward up to its second matmul;
-    that matmul's bias and residual add go to the next layer's ``attn_in`` (or ``add_ffn``)."""
-    x = x + F.linear(a.reshape(x.shape[0], -1), w.out_w, w.out_b).to(x.dtype)  # (T, D) fp32
-    h = F.layer_norm(x, (x.shape[-1],), w.ffn_ln_w, w.ffn_ln_b, w.eps).to(w.fc1_w.dtype)
-    h = F.gelu(F.linear(h, w.fc1_w, w.fc1_b))  # (T, 4D), exact erf GELU as fair-esm
-    return x, F.linear(h, w.fc2_w)  # (T, D) fp32, (T, D) model dtype
-
-
-def add_ffn(x: Tensor, g: Tensor, g_bias: Tensor) -> Tensor:
-    return x + g.to(x.dtype) + g_bias.to(x.dtype)
+def add_layer_norm(x: Tensor, y: Tensor | None, y_bias: Tensor | None, weight: Tensor, bias: Tensor, eps: float,
+                   dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The residual ``x`` (T, D) fp32 plus a matmul's output ``y`` (and its bias), then its layer norm in ``dtype``."""
+    if y is not None:
+        x = x + y.to(x.dtype)
+        if y_bias is not None:
+            x = x + y_bias.to(x.dtype)
+    return x, F.layer_norm(x, (x.shape[-1],), weight, bias, eps).to(dtype)
 
 
 def rotate_qk(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -92,10 +76,10 @@ def rotate_qk(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class PackedESM2(nn.Module):
-    """``backend``: attention backend name or ``auto``. ``compile``: fuse the element-wise work
-    around the matmuls with torch.compile (GPU)."""
+    """``backend``: attention backend name or ``auto``. ``fused``: the element-wise work in Triton
+    kernels (default: on a GPU, when Triton is installed)."""
 
-    def __init__(self, esm2: ESM2, backend: str = "auto", compile: bool = False) -> None:
+    def __init__(self, esm2: ESM2, backend: str = "auto", fused: bool | None = None) -> None:
         super().__init__()
         self.esm2 = esm2
         self.num_layers = esm2.num_layers
@@ -103,35 +87,39 @@ class PackedESM2(nn.Module):
         self.head_dim = esm2.embed_dim // esm2.attention_heads
         self.scale = self.head_dim**-0.5  # fair-esm's MultiheadAttention.scaling
         p = next(esm2.parameters())
+        self.dtype = p.dtype
         self.backend, self.attend = resolve_backend(p.device, p.dtype, backend)
         # token dropout with no <mask> in the input: x * (1 - 0.15 * 0.8) / (1 - 0)
         self.embed_scale = esm2.embed_scale * ((1 - 0.15 * 0.8) if esm2.token_dropout else 1.0)
         self.layers = [LayerWeights.of(layer) for layer in esm2.layers]
         ln = esm2.emb_layer_norm_after
         self.final_ln = (ln.weight.detach().float(), ln.bias.detach().float(), ln.eps)
-        # coordinate descent tuning: +2.5% on the 650M forward (layer norms), H200
-        c = (lambda f: torch.compile(f, dynamic=True, options={"coordinate_descent_tuning": True})) if compile else (lambda f: f)  # noqa: E731
-        self.attn_in, self.attn_out_ffn, self.add_ffn = c(attn_in), c(attn_out_ffn), c(add_ffn)
-        self.rotate = kernels.rotary_qk if kernels.available(p.device) else c(rotate_qk)
+        self.fused = kernels.available(p.device) if fused is None else fused
+        k = kernels if self.fused else None
+        self.add_ln = k.add_layer_norm if k else add_layer_norm
+        self.gelu = k.gelu_ if k else F.gelu
+        self.rotate = k.rotary_qk if k else rotate_qk
 
     @torch.inference_mode()
     def forward(self, tokens: Tensor, cu_seqlens: Tensor, max_seqlen: int, repr_layers: list[int]) -> dict[int, Tensor]:
         """Hidden states (T, D) for each layer in ``repr_layers`` (0 = embeddings; the last layer
         has the final layer norm applied, as in fair-esm). ``tokens``: (T,); ``cu_seqlens``: (S + 1,)."""
-        cos, sin = rotary_tables(position_ids(cu_seqlens, tokens.shape[0]), self.head_dim)  # (T, d) fp32 each
+        T, H = tokens.shape[0], self.heads
+        cos, sin = rotary_tables(position_ids(cu_seqlens, T), self.head_dim)  # (T, d) fp32 each
         x = self.esm2.embed_tokens(tokens) * self.embed_scale  # (T, D)
         out = {0: x} if 0 in repr_layers else {}
-        x = x.float()  # the residual stream
-        g = g_bias = None
+        x = x.to(torch.float32, copy=True)  # the residual stream, updated in place by the kernels
+        g = g_bias = None  # the last matmul's output and its bias, added at the next layer norm
         for i, w in enumerate(self.layers, 1):
-            x, qkv = self.attn_in(x, w, self.heads, g, g_bias)  # (T, D) fp32, (T, 3, H, d)
+            x, h = self.add_ln(x, g, g_bias, w.attn_ln_w, w.attn_ln_b, w.eps, self.dtype)  # (T, D) fp32, (T, D)
+            qkv = F.linear(h, w.qkv_w, w.qkv_b).view(T, 3, H, self.head_dim)  # (T, 3, H, d)
             q, k = self.rotate(qkv, cos, sin)  # (T, H, d) each
             a = self.attend(q, k, qkv[:, 2], cu_seqlens, max_seqlen, self.scale)  # (T, H, d)
-            x, g = self.attn_out_ffn(x, a, w)  # (T, D) fp32, (T, D) before the second feed-forward bias
-            g_bias = w.fc2_b
+            x, h = self.add_ln(x, F.linear(a.reshape(T, -1), w.out_w, w.out_b), None, w.ffn_ln_w, w.ffn_ln_b, w.eps, self.dtype)
+            g, g_bias = F.linear(self.gelu(F.linear(h, w.fc1_w, w.fc1_b)), w.fc2_w), w.fc2_b  # (T, 4D) -> (T, D)
             if i in repr_layers and i < self.num_layers:
-                out[i] = self.add_ffn(x, g, g_bias)
-        x = self.add_ffn(x, g, g_bias)
+                out[i] = x + g.to(x.dtype) + g_bias.to(x.dtype)
+        x = x + g.to(x.dtype) + g_bias.to(x.dtype)
         if self.num_layers in repr_layers:
             out[self.num_layers] = F.layer_norm(x, (x.shape[-1],), *self.final_ln)
         return out

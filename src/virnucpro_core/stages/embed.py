@@ -58,6 +58,9 @@ def process_seconds() -> float | None:
         return None
 
 
+IMPORTED = process_seconds()  # the interpreter and the stage's imports
+
+
 def chunk_key(shard: str | Path, plan: str | Path, model: str | LoadedModel, options: Options) -> str:
     """What a finished chunk was computed from; a chunk with another key is recomputed."""
     opts = options.embedding
@@ -196,8 +199,9 @@ def run(shard: str | Path, plan: str | Path, model: str | LoadedModel, out: str 
             log.info("resuming: %d of %d chunks already done in %s", len(finished), n, chunks.dir)
         loaded, embedder, outputs, t_load, t_device = loading.result()
         started = process_seconds()  # the interpreter, imports, model load and transfer
-        log.info("ready %.1f s after the process started (checkpoint read %.1f s, onto the device %.1f s): %s on %s, %s, "
-                 "attention %s", started or float("nan"), t_load, t_device, loaded.name, dev, embedder.dtype_name, embedder.backend)
+        log.info("ready %.1f s after the process started (imports %.1f s, then checkpoint read %.1f s and onto the device %.1f s): "
+                 "%s on %s, %s, attention %s", started or float("nan"), IMPORTED or float("nan"), t_load, t_device, loaded.name, dev,
+                 embedder.dtype_name, embedder.backend)
         with atomic_path(out) as tmp, _Writer(chunks, tmp, keep_chunks=n > 1) as writer:
             for c in range(n):
                 if c in finished:

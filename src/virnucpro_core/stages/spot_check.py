@@ -70,8 +70,7 @@ def run(shard: str | Path, embeddings: str | Path, model: str | LoadedModel, out
     with contextlib.ExitStack() as stack:
         if embedder is None:
             dev = stack.enter_context(acquire_device(options.embedding.lock_dir, options.embedding.device))
-            # one pack: not worth compiling
-            embedder = Embedder(loaded, dev, compute_dtype(dev, options.embedding.dtype), options.embedding.attention, compile=False)
+            embedder = Embedder(loaded, dev, compute_dtype(dev, options.embedding.dtype), options.embedding.attention)
         dtype = embedder.dtype_name
         th = Thresholds.resolve(dtype, opts.pooled_cosine, opts.min_residue_cosine)
         # the sample's windows, as the plan cut them, in one pack
