@@ -89,9 +89,10 @@ _INITS = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_n
 
 @contextlib.contextmanager
 def _no_random_init():
-    """Module constructors skip their random initialisation: every tensor comes from the file. (Built
-    on the meta device instead, the model's construction imported torch's compiler, through
-    ``normal_`` and arithmetic on meta tensors: 5 s of a job's start-up on the H200 node.)"""
+    """Module constructors skip their random initialisation (process-wide, for the milliseconds the
+    construction takes): every tensor comes from the file. (Built on the meta device instead, the
+    model's construction imported torch's compiler, through ``normal_`` and arithmetic on meta
+    tensors: 5 s of a job's start-up on the H200 node.)"""
     saved = {name: getattr(torch.nn.init, name) for name in _INITS}
     try:
         for name in _INITS:
