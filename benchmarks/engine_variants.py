@@ -1,19 +1,22 @@
 """Engines A/B, one process, one GPU: where the non-GEMM time goes and what removes it.
 
     mkdir -p .dev/old && git archive <commit> src | tar -x -C .dev/old
-    OUT=. python benchmarks/engine_variants.py [--shapes 650M,3B] [--budget 65536] [--old .dev/old]
+    OUT=. python benchmarks/engine_variants.py [--shapes 650M,3B] [--engines old,current,cudnn,current@131072] [--old .dev/old]
 
-Each engine runs the whole embed loop (prefetch, forward, pooling) over the same plan; the first
-pass compiles, then the median of ``--repeats`` passes, the engines' passes interleaved. Pooled
-outputs are compared with the first engine's. The top GPU kernels of each are listed (torch
-profiler). First, the Triton rotary kernel against the PyTorch rotary it replaces. Writes
-$OUT/<name> after every row.
+Engines: ``old`` (the package of an earlier checkout), or a variant of this one (``VARIANTS``:
+``current``, ``cudnn`` attention), each optionally ``@budget``. Each runs the whole embed loop
+(prefetch, forward, pooling) over the same plan; the first pass loads (or compiles) the kernels,
+then the median of ``--repeats`` passes, the engines' passes interleaved. Pooled outputs are
+compared with the first engine's. The top GPU kernels of each are listed (torch profiler).
+``--rotary``: the Triton rotary kernel against the PyTorch rotary it replaced; ``--attention``:
+cuDNN's ragged attention against FlashAttention on one pack. Writes $OUT/<name> after every row.
 
-The run that chose the current layout (benchmarks/results/engine-variants-nvidia-h200-2026-11-30.json)
-had these variants of the earlier engine: the pooling without boolean indexing (no change), the
-feed-forward's last bias and residual add moved into the next layer's layer-norm kernel (+0.8%),
-coordinate-descent tuning (+2.5%), max-autotune (+1% more, cuBLAS won every GEMM, 2 min compile),
-budget 131072 (+0.5%). Its profile showed Inductor's rotary kernel at 15% of the 650M forward.
+Runs so far (benchmarks/results/, H200, 2026-11-30): engine-variants-* chose the torch.compile
+layout (coordinate-descent tuning +2.5%, the last bias and residual add moved into the next layer
+norm +0.8%, max-autotune +1% for a 2 min compile, not taken) and showed Inductor's rotary kernel at
+15% of the 650M forward; attention-cudnn-budget-* found cuDNN's ragged attention 45x slower than
+FlashAttention (a cuDNN graph built every call) and budget 131072 +1.2%; engine-ab-triton-* the
+Triton kernels against the torch.compile engine (+0.8% 650M, +1.2% 3B).
 """
 
 from __future__ import annotations
