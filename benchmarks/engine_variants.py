@@ -9,7 +9,8 @@ Engines: ``old`` (the package of an earlier checkout), or a variant of this one 
 then the median of ``--repeats`` passes, the engines' passes interleaved. Pooled outputs are
 compared with the first engine's. The top GPU kernels of each are listed (torch profiler).
 ``--rotary``: the Triton rotary kernel against the PyTorch rotary it replaced; ``--attention``:
-cuDNN's ragged attention against FlashAttention on one pack. Writes $OUT/<name> after every row.
+cuDNN's ragged attention against FlashAttention on one pack; ``--gelu``: the GELU kernel against
+Inductor's and the candidates (``gelu_*`` engines put a candidate into the engine). Writes $OUT/<name> after every row.
 
 Runs so far (benchmarks/results/, H200, 2026-11-30): engine-variants-* chose the torch.compile
 layout (coordinate-descent tuning +2.5%, the last bias and residual add moved into the next layer
@@ -100,11 +101,64 @@ def cudnn_fixed_attend(q, k, v, cu, max_seqlen, scale):
     return cudnn_attend(q, k, v, cu, 1024, scale)
 
 
+try:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _gelu_i32(x, n, BLOCK: tl.constexpr):
+        """kernels._gelu with 32-bit offsets (tensors under 2^31 elements), as Inductor indexes."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = i < n
+        v = tl.load(x + i, mask=m, other=0.0).to(tl.float32)
+        tl.store(x + i, (0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))).to(x.dtype.element_ty), mask=m)
+except ImportError:
+    triton = None
+
+
+def gelu_i32(block: int, warps: int):
+    """A candidate for kernels.gelu_: 32-bit offsets, another block size."""
+
+    def gelu_(x: torch.Tensor) -> torch.Tensor:
+        n = x.numel()
+        assert x.is_contiguous() and n < 2**31
+        _gelu_i32[(triton.cdiv(n, block),)](x, n, BLOCK=block, num_warps=warps)
+        return x
+
+    return gelu_
+
+
+GELUS = {"i32_1024_4": gelu_i32(1024, 4), "i32_2048_8": gelu_i32(2048, 8), "i32_4096_8": gelu_i32(4096, 8)}
+
+
+def gelu_check(doc: dict) -> None:
+    """The engine's GELU kernel, Inductor's (torch.compile of F.gelu) and the candidates of GELUS on the
+    feed-forward activations of a 65536-token pack (650M and 3B widths): time, GB/s, elements that differ."""
+    from triton.testing import do_bench
+
+    from virnucpro_core.kernels import gelu_
+
+    inductor = torch.compile(torch.nn.functional.gelu, dynamic=True, options={"coordinate_descent_tuning": True})
+    for width in (5120, 10240):
+        x = (torch.randn(65536, width, device="cuda") * 2).to(torch.bfloat16)
+        want = torch.nn.functional.gelu(x)
+        row = {"shape": [65536, width]}
+        for name, fn in {"engine": gelu_, "inductor": inductor, **GELUS}.items():
+            y = x.clone()
+            got = fn(y)
+            row[f"{name}_differs_from_torch"] = float((got != want).float().mean())
+            ms = do_bench(lambda: fn(y), return_mode="median")
+            row[f"{name}_ms"], row[f"{name}_GBps"] = ms, x.numel() * 2 * 2 / ms / 1e6
+        doc["gelu"].append(row)
+        print(json.dumps(row), flush=True)
+
+
 # variant name -> change to a fresh Embedder of the current package
 VARIANTS = {
     "current": lambda emb: None,
     "cudnn": lambda emb: setattr(emb.packed, "attend", cudnn_attend),
     "cudnn_fixed": lambda emb: setattr(emb.packed, "attend", cudnn_fixed_attend),
+    **{f"gelu_{k}": (lambda emb, f=f: setattr(emb.packed, "gelu", f)) for k, f in GELUS.items()},
 }
 
 
@@ -152,18 +206,21 @@ def main() -> int:
     ap.add_argument("--old", help="an earlier checkout (git archive of src/) to compare with")
     ap.add_argument("--rotary", action="store_true", help="also check the Triton rotary kernel")
     ap.add_argument("--attention", action="store_true", help="also time cuDNN's ragged attention against FlashAttention")
+    ap.add_argument("--gelu", action="store_true", help="also time the GELU kernel against Inductor's and the candidates")
     ap.add_argument("--top", type=int, default=14, help="kernels listed per engine (0: no profile)")
     ap.add_argument("--name", default="variants.json")
     args = ap.parse_args()
     out_path = os.path.join(os.environ.get("OUT", "."), args.name)
     peak = matmul_peak()
     doc = {"device": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-           "bf16_peak_tflops": peak / 1e12, "rotary": [], "attention": [], "rows": [], "kernels": {}}
+           "bf16_peak_tflops": peak / 1e12, "rotary": [], "attention": [], "gelu": [], "rows": [], "kernels": {}}
     print(f"peak {peak / 1e12:.0f} TFLOP/s", flush=True)
     if args.rotary:
         rotary_check(doc)
     if args.attention:
         attention_check(doc)
+    if args.gelu:
+        gelu_check(doc)
     if args.old:
         load_old(args.old)
         old = importlib.import_module("oldcore.embed")
