@@ -73,9 +73,10 @@ def test_fused_packed_forward_matches_unpacked():
     singles = [torch.tensor([0, *rng.integers(4, 24, n), 2], device="cuda") for n in lengths]
     tokens = torch.cat(singles)
     cu = torch.tensor(np.cumsum([0, *[n + 2 for n in lengths]]), dtype=torch.int32, device="cuda")
-    packed = residues(PackedESM2(model)(tokens, cu, 1002, [6])[6], cu)
+    engine = PackedESM2(model)
+    assert engine.fused
+    packed = residues(engine(tokens, cu, 1002, [6])[6], cu)
     ref = [h[1:-1] for h in reference_hidden(model, singles, 6)]
-    assert PackedESM2(model).fused
     for p, r in zip(packed, ref):
         cos = torch.nn.functional.cosine_similarity(p.float().mean(0), r.float().mean(0), dim=0)
         assert float(cos) > 0.9999

@@ -59,13 +59,17 @@ class LayerWeights(NamedTuple):
         )
 
 
+def add_residual(x: Tensor, y: Tensor, y_bias: Tensor | None) -> Tensor:
+    """The residual ``x`` (T, D) fp32 plus a matmul's output ``y`` and then its bias, in fp32."""
+    x = x + y.to(x.dtype)
+    return x if y_bias is None else x + y_bias.to(x.dtype)
+
+
 def add_layer_norm(x: Tensor, y: Tensor | None, y_bias: Tensor | None, weight: Tensor, bias: Tensor, eps: float,
                    dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """The residual ``x`` (T, D) fp32 plus a matmul's output ``y`` (and its bias), then its layer norm in ``dtype``."""
     if y is not None:
-        x = x + y.to(x.dtype)
-        if y_bias is not None:
-            x = x + y_bias.to(x.dtype)
+        x = add_residual(x, y, y_bias)
     return x, F.layer_norm(x, (x.shape[-1],), weight, bias, eps).to(dtype)
 
 
@@ -95,10 +99,10 @@ class PackedESM2(nn.Module):
         ln = esm2.emb_layer_norm_after
         self.final_ln = (ln.weight.detach().float(), ln.bias.detach().float(), ln.eps)
         self.fused = kernels.available(p.device) if fused is None else fused
-        k = kernels if self.fused else None
-        self.add_ln = k.add_layer_norm if k else add_layer_norm
-        self.gelu = k.gelu_ if k else F.gelu
-        self.rotate = k.rotary_qk if k else rotate_qk
+        if self.fused:
+            self.add_ln, self.gelu, self.rotate = kernels.add_layer_norm, kernels.gelu_, kernels.rotary_qk
+        else:
+            self.add_ln, self.gelu, self.rotate = add_layer_norm, F.gelu, rotate_qk
 
     @torch.inference_mode()
     def forward(self, tokens: Tensor, cu_seqlens: Tensor, max_seqlen: int, repr_layers: list[int]) -> dict[int, Tensor]:
@@ -118,8 +122,8 @@ class PackedESM2(nn.Module):
             x, h = self.add_ln(x, F.linear(a.reshape(T, -1), w.out_w, w.out_b), None, w.ffn_ln_w, w.ffn_ln_b, w.eps, self.dtype)
             g, g_bias = F.linear(self.gelu(F.linear(h, w.fc1_w, w.fc1_b)), w.fc2_w), w.fc2_b  # (T, 4D) -> (T, D)
             if i in repr_layers and i < self.num_layers:
-                out[i] = x + g.to(x.dtype) + g_bias.to(x.dtype)
-        x = x + g.to(x.dtype) + g_bias.to(x.dtype)
+                out[i] = add_residual(x, g, g_bias)
+        x = add_residual(x, g, g_bias)
         if self.num_layers in repr_layers:
             out[self.num_layers] = F.layer_norm(x, (x.shape[-1],), *self.final_ln)
         return out
