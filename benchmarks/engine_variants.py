@@ -8,9 +8,11 @@ Engines: ``old`` (the package of an earlier checkout), or a variant of this one 
 (prefetch, forward, pooling) over the same plan; the first pass loads (or compiles) the kernels,
 then the median of ``--repeats`` passes, the engines' passes interleaved. Pooled outputs are
 compared with the first engine's. The top GPU kernels of each are listed (torch profiler).
-``--rotary``: the Triton rotary kernel against the PyTorch rotary it replaced; ``--attention``:
+``--attention``:
 cuDNN's ragged attention against FlashAttention on one pack; ``--gelu``: the GELU kernel against
-Inductor's and the candidates (``gelu_*`` engines put a candidate into the engine). Writes $OUT/<name> after every row.
+Inductor's and the candidates (``gelu_*`` engines put a candidate into the engine, after cuBLAS's
+fc1); ``--fc1``: fc1 with its GELU in one Triton kernel (kernels.linear, the engine's) against cuBLAS and the
+GELU kernel (``cublas_gelu`` engine), for each tile config. Writes $OUT/<name> after every row.
 
 Runs so far (benchmarks/results/, H200, 2026-11-30): engine-variants-* chose the torch.compile
 layout (coordinate-descent tuning +2.5%, the last bias and residual add moved into the next layer
@@ -33,15 +35,15 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, "benchmarks")
 from bench_embed import dataset, matmul_peak, profile_engine, random_esm2, sync_time  # noqa: E402
 from virnucpro_core import embed as embed_module  # noqa: E402
 from virnucpro_core import kernels  # noqa: E402
-from virnucpro_core.attention import position_ids, resolve_backend, rotary_tables  # noqa: E402
+from virnucpro_core.attention import resolve_backend  # noqa: E402
 from virnucpro_core.model import LoadedModel  # noqa: E402
 from virnucpro_core.options import EmbeddingOptions  # noqa: E402
-from virnucpro_core.packed_esm import rotate_qk  # noqa: E402
 from virnucpro_core.packing import build_plan  # noqa: E402
 
 
@@ -53,40 +55,6 @@ def load_old(path: str):
     sys.modules["oldcore"] = pkg
     spec.loader.exec_module(pkg)
     return pkg
-
-
-def rotary_check(doc: dict) -> None:
-    """The Triton rotary kernel against the PyTorch rotary, eager and compiled; v as a view of qkv in attention."""
-    from triton.testing import do_bench
-
-    compiled = torch.compile(rotate_qk, dynamic=True, options={"coordinate_descent_tuning": True})
-    for heads in (20, 40):
-        T = 65536
-        torch.manual_seed(0)
-        qkv = (torch.randn(T, 3, heads, 64, device="cuda") * 3).to(torch.bfloat16)
-        lengths = torch.randint(30, 1024, (T // 30,))
-        cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
-        cu = cu[cu <= T]
-        cu = torch.cat([cu, torch.tensor([T])]).to(torch.int32).cuda()
-        cos, sin = rotary_tables(position_ids(cu, T), 64)
-        ref = rotate_qk(qkv, cos, sin)
-        tri = kernels.rotary_qk(qkv, cos, sin)
-        comp = compiled(qkv, cos, sin)
-        row = {"heads": heads, "tokens": T,
-               "triton_vs_eager_max_abs": max(float((a.float() - b.float()).abs().max()) for a, b in zip(tri, ref)),
-               "triton_vs_eager_differing_fraction": sum(float((a != b).float().mean()) for a, b in zip(tri, ref)) / 2,
-               "compiled_vs_eager_max_abs": max(float((a.float() - b.float()).abs().max()) for a, b in zip(comp, ref)),
-               "eager_ms": do_bench(lambda: rotate_qk(qkv, cos, sin), return_mode="median"),
-               "compiled_ms": do_bench(lambda: compiled(qkv, cos, sin), return_mode="median"),
-               "triton_ms": do_bench(lambda: kernels.rotary_qk(qkv, cos, sin), return_mode="median")}
-        row["triton_GBps"] = T * heads * 64 * 2 * 2 * 2 / row["triton_ms"] / 1e6
-        _, attend = resolve_backend(qkv.device, qkv.dtype)
-        q, k = tri
-        a1 = attend(q, k, qkv[:, 2], cu, 1024, 0.125)
-        a2 = attend(q, k, qkv[:, 2].contiguous(), cu, 1024, 0.125)
-        row["v_view_vs_contiguous_max_abs"] = float((a1.float() - a2.float()).abs().max())
-        doc["rotary"].append(row)
-        print(json.dumps(row), flush=True)
 
 
 def cudnn_attend(q, k, v, cu, max_seqlen, scale):
@@ -153,12 +121,115 @@ def gelu_check(doc: dict) -> None:
         print(json.dumps(row), flush=True)
 
 
+# kernels.linear configs: name -> ((BM, BN, BK, GROUP_M, num_stages, num_warps), persistent: one program per
+# multiprocessor, else one per tile)
+FC1_CONFIGS = {
+    "256x128s3p": ((256, 128, 64, 8, 3, 8), True),
+    "256x128s3t": ((256, 128, 64, 8, 3, 8), False),
+    "128x256s3p": ((128, 256, 64, 8, 3, 8), True),
+}
+
+
+def ulp_err(got, exact):
+    """Largest error in bf16 steps of the exact value (exact values above 1e-3), and mean absolute error."""
+    big = exact.abs() > 1e-3
+    ulp = torch.exp2(torch.floor(torch.log2(exact.abs().clamp(min=1e-3))) - 7)
+    return float(((got.double() - exact).abs() / ulp)[big].max()), float((got.double() - exact).abs().mean())
+
+
+def fc1_check(doc: dict, shapes: str) -> None:
+    """fc1 and GELU of a 65519-token pack (650M and 3B widths): cuBLAS, then the GELU kernel, against
+    kernels.linear with each config of FC1_CONFIGS; error against the fp64 GELU of the fp64 matmul."""
+    from triton.testing import do_bench
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for dim in ({"650M": 1280, "3B": 2560}[s] for s in shapes.split(",")):
+        m, n, k = 65519, 4 * dim, dim
+        torch.manual_seed(0)
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        w = (torch.randn(n, k, device="cuda") * k**-0.5).to(torch.bfloat16)
+        b = (torch.randn(n, device="cuda") * 0.5).to(torch.bfloat16)
+        exact = F.gelu(x.double() @ w.double().T + b.double())
+        row = {"M": m, "N": n, "K": k}
+        runs = {"cublas": lambda: F.linear(x, w, b), "cublas_gelu": lambda: kernels.gelu_(F.linear(x, w, b))}
+        for name, (cfg, persistent) in FC1_CONFIGS.items():
+            runs[name] = lambda cfg=cfg, p=sms if persistent else 1 << 30: kernels.linear(x, w, b, gelu=True, config=cfg, programs=p)
+        for name, fn in runs.items():
+            try:
+                if name != "cublas":
+                    row[f"{name}_max_ulp"], row[f"{name}_mean_abs"] = ulp_err(fn(), exact)
+                row[f"{name}_ms"] = do_bench(fn, return_mode="median")
+                row[f"{name}_tflops"] = 2 * m * n * k / row[f"{name}_ms"] / 1e9
+            except Exception as exc:  # noqa: BLE001
+                row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:200]
+        doc["fc1"].append(row)
+        print(json.dumps(row), flush=True)
+        exact = None
+
+
+QKV_CONFIGS = {"256x128s2": (256, 128, 64, 8, 2, 8), "128x128s3": (128, 128, 64, 8, 3, 8), "128x128s4": (128, 128, 64, 8, 4, 8),
+               "128x256s2": (128, 256, 64, 8, 2, 8), "128x128s4w4": (128, 128, 64, 8, 4, 4)}
+QKV_BEST = {}  # model dim -> the fastest config of qkv_check
+
+
+def qkv_check(doc: dict, shapes: str) -> None:
+    """q/k/v projection and rotary of a 65519-token pack: cuBLAS then the rotary kernel against
+    kernels.qkv_rotary (one kernel) with each config of QKV_CONFIGS. Fills QKV_BEST."""
+    from triton.testing import do_bench
+
+    from virnucpro_core.attention import position_ids, rotary_tables
+
+    for dim, heads in ({"650M": (1280, 20), "3B": (2560, 40)}[s] for s in shapes.split(",")):
+        T = 65519
+        torch.manual_seed(0)
+        x = torch.randn(T, dim, device="cuda").to(torch.bfloat16)
+        w = (torch.randn(3 * dim, dim, device="cuda") * dim**-0.5).to(torch.bfloat16)
+        b = (torch.randn(3 * dim, device="cuda") * 0.5).to(torch.bfloat16)
+        lengths = np.clip(np.random.default_rng(0).lognormal(np.log(300), 0.6, T // 100), 30, 1022).astype(np.int64) + 2
+        cu = np.concatenate([[0], np.cumsum(lengths)])
+        cu = torch.tensor(np.append(cu[cu < T], T), dtype=torch.int32, device="cuda")
+        cos, sin = rotary_tables(position_ids(cu, T), dim // heads)
+        ref = cublas_rotary(x, w, b, cos, sin, heads)
+        row = {"T": T, "dim": dim, "heads": heads, "cublas_rotary_ms": do_bench(lambda: cublas_rotary(x, w, b, cos, sin, heads), return_mode="median")}
+        for name, cfg in QKV_CONFIGS.items():
+            try:
+                got = kernels.qkv_rotary(x, w, b, cos, sin, heads, cfg)
+                row[f"{name}_max_abs_vs_cublas_rotary"] = max(float((g.float() - r.float()).abs().max()) for g, r in zip(got, ref))
+                row[f"{name}_ms"] = do_bench(lambda: kernels.qkv_rotary(x, w, b, cos, sin, heads, cfg), return_mode="median")
+            except Exception as exc:  # noqa: BLE001
+                row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:200]
+        best = min((v, k[:-3]) for k, v in row.items() if k.endswith("_ms") and k != "cublas_rotary_ms")
+        row["best"], row["best_vs_cublas_rotary"] = best[1], row["cublas_rotary_ms"] / best[0]
+        QKV_BEST[dim] = QKV_CONFIGS[best[1]]
+        doc["qkv"].append(row)
+        print(json.dumps(row), flush=True)
+
+
+def qkv_best(h, w, b, cos, sin, heads):
+    return kernels.qkv_rotary(h, w, b, cos, sin, heads, QKV_BEST[w.shape[1]])
+
+
+def cublas_rotary(h, w, b, cos, sin, heads):
+    """q/k/v on cuBLAS, then the rotary kernel: the engine before kernels.qkv_rotary."""
+    qkv = F.linear(h, w, b).view(h.shape[0], 3, heads, -1)
+    return *kernels.rotary_qk(qkv, cos, sin), qkv[:, 2]
+
+
+def cublas_then(gelu):
+    """fc1 on cuBLAS, then ``gelu`` in place: the engine's feed-forward before linear_gelu."""
+
+    return lambda h, w, b: gelu(F.linear(h, w, b))
+
+
 # variant name -> change to a fresh Embedder of the current package
 VARIANTS = {
     "current": lambda emb: None,
     "cudnn": lambda emb: setattr(emb.packed, "attend", cudnn_attend),
     "cudnn_fixed": lambda emb: setattr(emb.packed, "attend", cudnn_fixed_attend),
-    **{f"gelu_{k}": (lambda emb, f=f: setattr(emb.packed, "gelu", f)) for k, f in GELUS.items()},
+    "qkv_best": lambda emb: setattr(emb.packed, "qkv_rotary", qkv_best),
+    "rotary_kernel": lambda emb: setattr(emb.packed, "qkv_rotary", cublas_rotary),
+    "cublas_gelu": lambda emb: setattr(emb.packed, "linear_gelu", cublas_then(kernels.gelu_)),
+    **{f"gelu_{k}": (lambda emb, f=f: setattr(emb.packed, "linear_gelu", cublas_then(f))) for k, f in GELUS.items()},
 }
 
 
@@ -204,23 +275,26 @@ def main() -> int:
     ap.add_argument("--budget", type=int, default=65536)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--old", help="an earlier checkout (git archive of src/) to compare with")
-    ap.add_argument("--rotary", action="store_true", help="also check the Triton rotary kernel")
     ap.add_argument("--attention", action="store_true", help="also time cuDNN's ragged attention against FlashAttention")
     ap.add_argument("--gelu", action="store_true", help="also time the GELU kernel against Inductor's and the candidates")
+    ap.add_argument("--fc1", action="store_true", help="also time fc1 + GELU in one Triton kernel against cuBLAS + GELU")
+    ap.add_argument("--qkv", action="store_true", help="also time q/k/v and rotary in one Triton kernel against cuBLAS + the rotary kernel")
     ap.add_argument("--top", type=int, default=14, help="kernels listed per engine (0: no profile)")
     ap.add_argument("--name", default="variants.json")
     args = ap.parse_args()
     out_path = os.path.join(os.environ.get("OUT", "."), args.name)
     peak = matmul_peak()
     doc = {"device": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-           "bf16_peak_tflops": peak / 1e12, "rotary": [], "attention": [], "gelu": [], "rows": [], "kernels": {}}
+           "bf16_peak_tflops": peak / 1e12, "attention": [], "gelu": [], "fc1": [], "qkv": [], "rows": [], "kernels": {}}
     print(f"peak {peak / 1e12:.0f} TFLOP/s", flush=True)
-    if args.rotary:
-        rotary_check(doc)
     if args.attention:
         attention_check(doc)
     if args.gelu:
         gelu_check(doc)
+    if args.fc1:
+        fc1_check(doc, args.shapes)
+    if args.qkv:
+        qkv_check(doc, args.shapes)
     if args.old:
         load_old(args.old)
         old = importlib.import_module("oldcore.embed")
