@@ -167,54 +167,6 @@ def fc1_check(doc: dict, shapes: str) -> None:
         exact = None
 
 
-QKV_CONFIGS = {"256x128s2": (256, 128, 64, 8, 2, 8), "128x128s3": (128, 128, 64, 8, 3, 8), "128x128s4": (128, 128, 64, 8, 4, 8),
-               "128x256s2": (128, 256, 64, 8, 2, 8), "128x128s4w4": (128, 128, 64, 8, 4, 4)}
-QKV_BEST = {}  # model dim -> the fastest config of qkv_check
-
-
-def qkv_check(doc: dict, shapes: str) -> None:
-    """q/k/v projection and rotary of a 65519-token pack: cuBLAS then the rotary kernel against
-    kernels.qkv_rotary (one kernel) with each config of QKV_CONFIGS. Fills QKV_BEST."""
-    from triton.testing import do_bench
-
-    from virnucpro_core.attention import position_ids, rotary_tables
-
-    for dim, heads in ({"650M": (1280, 20), "3B": (2560, 40)}[s] for s in shapes.split(",")):
-        T = 65519
-        torch.manual_seed(0)
-        x = torch.randn(T, dim, device="cuda").to(torch.bfloat16)
-        w = (torch.randn(3 * dim, dim, device="cuda") * dim**-0.5).to(torch.bfloat16)
-        b = (torch.randn(3 * dim, device="cuda") * 0.5).to(torch.bfloat16)
-        lengths = np.clip(np.random.default_rng(0).lognormal(np.log(300), 0.6, T // 100), 30, 1022).astype(np.int64) + 2
-        cu = np.concatenate([[0], np.cumsum(lengths)])
-        cu = torch.tensor(np.append(cu[cu < T], T), dtype=torch.int32, device="cuda")
-        cos, sin = rotary_tables(position_ids(cu, T), dim // heads)
-        ref = cublas_rotary(x, w, b, cos, sin, heads)
-        row = {"T": T, "dim": dim, "heads": heads, "cublas_rotary_ms": do_bench(lambda: cublas_rotary(x, w, b, cos, sin, heads), return_mode="median")}
-        for name, cfg in QKV_CONFIGS.items():
-            try:
-                got = kernels.qkv_rotary(x, w, b, cos, sin, heads, cfg)
-                row[f"{name}_max_abs_vs_cublas_rotary"] = max(float((g.float() - r.float()).abs().max()) for g, r in zip(got, ref))
-                row[f"{name}_ms"] = do_bench(lambda: kernels.qkv_rotary(x, w, b, cos, sin, heads, cfg), return_mode="median")
-            except Exception as exc:  # noqa: BLE001
-                row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:200]
-        best = min((v, k[:-3]) for k, v in row.items() if k.endswith("_ms") and k != "cublas_rotary_ms")
-        row["best"], row["best_vs_cublas_rotary"] = best[1], row["cublas_rotary_ms"] / best[0]
-        QKV_BEST[dim] = QKV_CONFIGS[best[1]]
-        doc["qkv"].append(row)
-        print(json.dumps(row), flush=True)
-
-
-def qkv_best(h, w, b, cos, sin, heads):
-    return kernels.qkv_rotary(h, w, b, cos, sin, heads, QKV_BEST[w.shape[1]])
-
-
-def cublas_rotary(h, w, b, cos, sin, heads):
-    """q/k/v on cuBLAS, then the rotary kernel: the engine before kernels.qkv_rotary."""
-    qkv = F.linear(h, w, b).view(h.shape[0], 3, heads, -1)
-    return *kernels.rotary_qk(qkv, cos, sin), qkv[:, 2]
-
-
 def cublas_then(gelu):
     """fc1 on cuBLAS, then ``gelu`` in place: the engine's feed-forward before linear_gelu."""
 
@@ -226,8 +178,6 @@ VARIANTS = {
     "current": lambda emb: None,
     "cudnn": lambda emb: setattr(emb.packed, "attend", cudnn_attend),
     "cudnn_fixed": lambda emb: setattr(emb.packed, "attend", cudnn_fixed_attend),
-    "qkv_best": lambda emb: setattr(emb.packed, "qkv_rotary", qkv_best),
-    "rotary_kernel": lambda emb: setattr(emb.packed, "qkv_rotary", cublas_rotary),
     "cublas_gelu": lambda emb: setattr(emb.packed, "linear_gelu", cublas_then(kernels.gelu_)),
     **{f"gelu_{k}": (lambda emb, f=f: setattr(emb.packed, "linear_gelu", cublas_then(f))) for k, f in GELUS.items()},
 }
@@ -278,14 +228,13 @@ def main() -> int:
     ap.add_argument("--attention", action="store_true", help="also time cuDNN's ragged attention against FlashAttention")
     ap.add_argument("--gelu", action="store_true", help="also time the GELU kernel against Inductor's and the candidates")
     ap.add_argument("--fc1", action="store_true", help="also time fc1 + GELU in one Triton kernel against cuBLAS + GELU")
-    ap.add_argument("--qkv", action="store_true", help="also time q/k/v and rotary in one Triton kernel against cuBLAS + the rotary kernel")
     ap.add_argument("--top", type=int, default=14, help="kernels listed per engine (0: no profile)")
     ap.add_argument("--name", default="variants.json")
     args = ap.parse_args()
     out_path = os.path.join(os.environ.get("OUT", "."), args.name)
     peak = matmul_peak()
     doc = {"device": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-           "bf16_peak_tflops": peak / 1e12, "attention": [], "gelu": [], "fc1": [], "qkv": [], "rows": [], "kernels": {}}
+           "bf16_peak_tflops": peak / 1e12, "attention": [], "gelu": [], "fc1": [], "rows": [], "kernels": {}}
     print(f"peak {peak / 1e12:.0f} TFLOP/s", flush=True)
     if args.attention:
         attention_check(doc)
@@ -293,8 +242,6 @@ def main() -> int:
         gelu_check(doc)
     if args.fc1:
         fc1_check(doc, args.shapes)
-    if args.qkv:
-        qkv_check(doc, args.shapes)
     if args.old:
         load_old(args.old)
         old = importlib.import_module("oldcore.embed")

@@ -38,7 +38,6 @@ from virnucpro_core.embed import Embedder, Outputs  # noqa: E402
 from virnucpro_core.equivalence import reference_hidden  # noqa: E402
 from virnucpro_core.model import LoadedModel, build_esm2  # noqa: E402
 from virnucpro_core.options import ESM2_MODELS, EmbeddingOptions  # noqa: E402
-from virnucpro_core import kernels  # noqa: E402
 from virnucpro_core.attention import position_ids, rotary_tables  # noqa: E402
 from virnucpro_core.packed_esm import PackedESM2, residues  # noqa: E402
 from virnucpro_core.packing import Pack, build_plan  # noqa: E402
@@ -117,7 +116,7 @@ class FP8Engine(PackedESM2):
         g = g_bias = None
         for w in self.fp8_layers:
             x, qkv = self.attn_in(x, w, self.heads, g, g_bias)
-            q, k = kernels.rotary_qk(qkv, cos, sin)
+            q, k = self.rotate(qkv, cos, sin)
             x, g = self.attn_out_ffn(x, self.attend(q, k, qkv[:, 2], cu_seqlens, max_seqlen, self.scale), w)
             g_bias = w.fc2_b
         x = x + g.float() + g_bias.float()

@@ -8,28 +8,23 @@ from virnucpro_core import kernels
 from virnucpro_core.attention import position_ids, rotary_tables
 from virnucpro_core.equivalence import reference_hidden
 from virnucpro_core.model import build_esm2
-from virnucpro_core.packed_esm import PackedESM2, add_layer_norm, qkv_rotary, residues
+from virnucpro_core.packed_esm import PackedESM2, add_layer_norm, residues, rotate_qk
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("heads,head_dim", [(20, 64), (20, 16), (40, 128), (20, 24)])  # 24: cuBLAS + the rotary kernel
-def test_triton_qkv_rotary_is_the_exact_rotary_of_the_projection(heads, head_dim):
+@pytest.mark.parametrize("heads,head_dim", [(20, 64), (20, 24), (40, 128)])
+def test_triton_rotary_matches_pytorch(heads, head_dim):
     torch.manual_seed(0)
-    T, dim = 5000, heads * head_dim
-    x = torch.randn(T, dim, device="cuda").to(torch.bfloat16)
-    w = (torch.randn(3 * dim, dim, device="cuda") * 2 * dim**-0.5).to(torch.bfloat16)
-    b = torch.randn(3 * dim, device="cuda").to(torch.bfloat16)
+    T = 5000
+    qkv = (torch.randn(T, 3, heads, head_dim, device="cuda") * 3).to(torch.bfloat16)
     cu = torch.tensor([0, 7, 1030, 2000, T], dtype=torch.int32, device="cuda")
     cos, sin = rotary_tables(position_ids(cu, T), head_dim)
-    exact = qkv_rotary(x.double(), w.double(), b.double(), cos.double(), sin.double(), heads)
-    got = kernels.qkv_rotary(x, w, b, cos, sin, heads)
-    before = qkv_rotary(x, w, b, cos, sin, heads)  # PyTorch: the projection rounded to bf16, then rotated
-    for g, e, p in zip(got, exact, before):
-        assert g.shape == (T, heads, head_dim) and g.dtype == torch.bfloat16 and g.stride(-1) == 1
-        err = (g.double() - e).abs()
-        assert float(err.max()) <= 2**-7 * float(e.abs().max())
-        assert float(err.mean()) <= 1.01 * float((p.double() - e).abs().mean())
+    for got, want in zip(kernels.rotary_qk(qkv, cos, sin), rotate_qk(qkv, cos, sin)):
+        assert got.shape == want.shape == (T, heads, head_dim) and got.is_contiguous()
+        diff = (got.float() - want.float()).abs()
+        assert bool((diff <= 1e-2 * want.float().abs() + 1e-6).all()), float(diff.max())  # one bf16 rounding at most
+        assert float((got != want).float().mean()) < 1e-3
 
 
 @pytest.mark.parametrize("dim", [320, 1280, 5120])

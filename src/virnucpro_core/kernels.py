@@ -75,14 +75,11 @@ if triton is not None:
         tl.store(x + i, _gelu_fp32(v).to(x.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _linear(x_desc, w_desc, out_desc, bias, cos, sin, M, N, K, rotary_cols, programs, HAS_BIAS: tl.constexpr,
-                GELU: tl.constexpr, ROTARY: tl.constexpr, HEAD_DIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                BK: tl.constexpr, GROUP_M: tl.constexpr):
-        """out (M, N) = x (M, K) @ w (N, K).T (+ bias), in fp32, then: exact GELU if ``GELU``; if ``ROTARY``,
-        rotary on the first ``rotary_cols`` columns (heads of HEAD_DIM; cos/sin (M, HEAD_DIM) fp32 with equal
-        halves). One (BM, BN) tile after another over a persistent grid of ``programs``, in groups of
-        GROUP_M row tiles so that a group's x rows stay in L2."""
-        HALF: tl.constexpr = HEAD_DIM // 2
+    def _linear(x_desc, w_desc, out_desc, bias, M, N, K, programs, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        """out (M, N) = x (M, K) @ w (N, K).T (+ bias) in fp32, then exact GELU if ``GELU``. One (BM, BN) tile
+        after another over a persistent grid of ``programs``, in groups of GROUP_M row tiles so that a
+        group's x rows stay in L2."""
         tiles_m, tiles_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
         for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, programs, flatten=True):
             group, r = tile // (GROUP_M * tiles_n), tile % (GROUP_M * tiles_n)
@@ -96,15 +93,6 @@ if triton is not None:
                 acc += tl.load(bias + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
             if GELU:
                 acc = _gelu_fp32(acc)
-            if ROTARY:
-                if n0 < rotary_cols:  # q or k heads: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
-                    m = (m0 + tl.arange(0, BM).to(tl.int64))[:, None, None]
-                    j = tl.arange(0, HALF)[None, None, :]
-                    c = tl.load(cos + m * HEAD_DIM + j, mask=m < M, other=0.0)  # (BM, 1, HALF)
-                    s = tl.load(sin + m * HEAD_DIM + j, mask=m < M, other=0.0)
-                    x1, x2 = tl.split(tl.permute(tl.reshape(acc, (BM, BN // HEAD_DIM, 2, HALF)), (0, 1, 3, 2)))
-                    rotated = tl.join(x1 * c - x2 * s, x2 * c + x1 * s)  # (BM, BN // HEAD_DIM, HALF, 2)
-                    acc = tl.reshape(tl.permute(rotated, (0, 1, 3, 2)), (BM, BN))
             out_desc.store([m0, n0], acc.to(w_desc.dtype))
 
     @triton.jit
@@ -149,51 +137,30 @@ def gelu_(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-# linear's tiles: (BM, BN, BK, GROUP_M, num_stages, num_warps); with rotary, whose epilogue moves heads'
-# halves through shared memory, in a smaller tile
+# linear's tiles: (BM, BN, BK, GROUP_M, num_stages, num_warps)
 LINEAR = (256, 128, 64, 8, 3, 8)
-QKV_ROTARY = (128, 128, 64, 8, 3, 8)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, gelu: bool = False,
-           rotary: tuple[torch.Tensor, torch.Tensor, int] | None = None, config: tuple = LINEAR,
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, gelu: bool = False, config: tuple = LINEAR,
            programs: int | None = None) -> torch.Tensor:
-    """``x @ w.T (+ b)`` (x (M, K), w (N, K), b (N,), one dtype) in one kernel, in fp32 on the matmul's
-    accumulator and rounded once, then exact GELU if ``gelu``, or with ``rotary`` = (cos, sin, cols)
-    the rotary embedding of the first ``cols`` columns (cos/sin (M, head_dim) fp32). ``programs``: the
-    persistent grid (default: one per multiprocessor)."""
+    """``x @ w.T (+ b)`` (x (M, K), w (N, K), b (N,), one dtype) in one kernel, then exact GELU if ``gelu``:
+    in fp32 on the matmul's accumulator, rounded once. ``programs``: the persistent grid (default: one
+    per multiprocessor)."""
     (M, K), N = x.shape, w.shape[0]
     assert x.is_contiguous() and w.is_contiguous() and w.shape[1] == K and x.dtype == w.dtype == (w.dtype if b is None else b.dtype)
     bm, bn, bk, group, stages, warps = config
-    cos, sin, cols = rotary or (w, w, 0)
-    head_dim = cos.shape[1] if rotary else 2
-    assert not rotary or (cos.shape == sin.shape == (M, head_dim) and cos.is_contiguous() and sin.is_contiguous()
-                          and bn % head_dim == 0 and cols % bn == 0)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     programs = min(tiles, programs or torch.cuda.get_device_properties(x.device).multi_processor_count)
     _linear[(programs,)](TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]),
-                         TensorDescriptor.from_tensor(out, [bm, bn]), w if b is None else b, cos, sin, M, N, K, cols, programs,
-                         HAS_BIAS=b is not None, GELU=gelu, ROTARY=rotary is not None, HEAD_DIM=head_dim, BM=bm, BN=bn, BK=bk,
-                         GROUP_M=group, num_stages=stages, num_warps=warps)
+                         TensorDescriptor.from_tensor(out, [bm, bn]), w if b is None else b, M, N, K, programs,
+                         HAS_BIAS=b is not None, GELU=gelu, BM=bm, BN=bn, BK=bk, GROUP_M=group, num_stages=stages, num_warps=warps)
     return out
 
 
 def linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """fc1 and GELU in one kernel (:func:`linear`)."""
     return linear(x, w, b, gelu=True)
-
-
-def qkv_rotary(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               heads: int, config: tuple = QKV_ROTARY) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The q/k/v projection, then rotary on q and k: (T, H, d) each. In one kernel (:func:`linear`; q, k, v
-    views of one (T, 3, H, d) tensor) where a tile holds whole heads (d a power of two dividing the tile);
-    else cuBLAS, then :func:`rotary_qk`."""
-    T, d = x.shape[0], cos.shape[1]
-    if d & (d - 1) == 0 and config[1] % d == 0:
-        return linear(x, w, b, rotary=(cos, sin, 2 * heads * d), config=config).view(T, 3, heads, d).unbind(1)
-    qkv = torch.nn.functional.linear(x, w, b).view(T, 3, heads, d)
-    return *rotary_qk(qkv, cos, sin), qkv[:, 2]
 
 
 def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

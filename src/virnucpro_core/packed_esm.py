@@ -78,10 +78,10 @@ def linear_gelu(h: Tensor, w: Tensor, b: Tensor) -> Tensor:
     return F.gelu(F.linear(h, w, b))
 
 
-def qkv_rotary(h: Tensor, w: Tensor, b: Tensor, cos: Tensor, sin: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The q/k/v projection, then fp32 rotary on q and k: (T, H, d) each."""
-    q, k, v = F.linear(h, w, b).view(h.shape[0], 3, heads, -1).unbind(1)
-    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+def rotate_qk(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 rotary on q and k of ``qkv`` (T, 3, H, d)."""
+    q, k, _ = qkv.unbind(1)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
 class PackedESM2(nn.Module):
@@ -105,9 +105,9 @@ class PackedESM2(nn.Module):
         self.final_ln = (ln.weight.detach().float(), ln.bias.detach().float(), ln.eps)
         self.fused = kernels.available(p.device) if fused is None else fused
         if self.fused:
-            self.add_ln, self.qkv_rotary, self.linear_gelu = kernels.add_layer_norm, kernels.qkv_rotary, kernels.linear_gelu
+            self.add_ln, self.rotate, self.linear_gelu = kernels.add_layer_norm, kernels.rotary_qk, kernels.linear_gelu
         else:
-            self.add_ln, self.qkv_rotary, self.linear_gelu = add_layer_norm, qkv_rotary, linear_gelu
+            self.add_ln, self.rotate, self.linear_gelu = add_layer_norm, rotate_qk, linear_gelu
 
     @torch.inference_mode()
     def forward(self, tokens: Tensor, cu_seqlens: Tensor, max_seqlen: int, repr_layers: list[int]) -> dict[int, Tensor]:
@@ -121,8 +121,9 @@ class PackedESM2(nn.Module):
         g = g_bias = None  # the last matmul's output and its bias, added at the next layer norm
         for i, w in enumerate(self.layers, 1):
             x, h = self.add_ln(x, g, g_bias, w.attn_ln_w, w.attn_ln_b, w.eps, self.dtype)  # (T, D) fp32, (T, D)
-            q, k, v = self.qkv_rotary(h, w.qkv_w, w.qkv_b, cos, sin, H)  # (T, H, d) each
-            a = self.attend(q, k, v, cu_seqlens, max_seqlen, self.scale)  # (T, H, d)
+            qkv = F.linear(h, w.qkv_w, w.qkv_b).view(T, 3, H, self.head_dim)  # (T, 3, H, d)
+            q, k = self.rotate(qkv, cos, sin)  # (T, H, d) each
+            a = self.attend(q, k, qkv[:, 2], cu_seqlens, max_seqlen, self.scale)  # (T, H, d)
             x, h = self.add_ln(x, F.linear(a.reshape(T, -1), w.out_w, w.out_b), None, w.ffn_ln_w, w.ffn_ln_b, w.eps, self.dtype)
             g, g_bias = F.linear(self.linear_gelu(h, w.fc1_w, w.fc1_b), w.fc2_w), w.fc2_b  # (T, 4D) -> (T, D)
             if i in repr_layers and i < self.num_layers:
