@@ -160,7 +160,7 @@ def profile_engine(emb, seqs, plan, outputs, top: int = 0) -> dict:
     wall = time.perf_counter() - t
     # attention first: FlashAttention-3 kernels are CUTLASS kernels, named like GEMMs
     kinds = {"attention": ("flash", "fmha", "attention"), "gemm": ("gemm", "cutlass", "nvjet", "xmma", "cublas", "sm90_"),
-             "gemm with GELU or rotary (Triton)": ("_linear",),
+             "fc1 + GELU (Triton matmul)": ("_linear",),
              "element-wise, norm, rotary (Triton, fused)": ("triton", "rotary", "layer_norm", "gelu"), "copies": ("memcpy", "memset", "copy")}
     totals: dict[str, float] = {}
     rows = sorted(((e.key, e.count, e.self_device_time_total / 1e6) for e in prof.key_averages() if e.device_type.name == "CUDA"),

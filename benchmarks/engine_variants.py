@@ -8,18 +8,20 @@ Engines: ``old`` (the package of an earlier checkout), or a variant of this one 
 (prefetch, forward, pooling) over the same plan; the first pass loads (or compiles) the kernels,
 then the median of ``--repeats`` passes, the engines' passes interleaved. Pooled outputs are
 compared with the first engine's. The top GPU kernels of each are listed (torch profiler).
-``--attention``:
-cuDNN's ragged attention against FlashAttention on one pack; ``--gelu``: the GELU kernel against
-Inductor's and the candidates (``gelu_*`` engines put a candidate into the engine, after cuBLAS's
-fc1); ``--fc1``: fc1 with its GELU in one Triton kernel (kernels.linear, the engine's) against cuBLAS and the
-GELU kernel (``cublas_gelu`` engine), for each tile config. Writes $OUT/<name> after every row.
+``--attention``: cuDNN's ragged attention against FlashAttention on one pack; ``--gelu``: GELU passes
+(``GELUS``: from erfc, as the engine computes it, or from erf) against Inductor's; ``--fc1``: fc1 and
+its GELU in one Triton matmul (kernels.linear_gelu, the engine's) against cuBLAS then the GELU pass,
+for each tile config. Engines ``cublas_gelu`` and ``gelu_*`` put cuBLAS and a GELU pass back into the
+engine. Writes $OUT/<name> after every row.
 
 Runs so far (benchmarks/results/, H200, 2026-11-30): engine-variants-* chose the torch.compile
 layout (coordinate-descent tuning +2.5%, the last bias and residual add moved into the next layer
 norm +0.8%, max-autotune +1% for a 2 min compile, not taken) and showed Inductor's rotary kernel at
 15% of the 650M forward; attention-cudnn-budget-* found cuDNN's ragged attention 45x slower than
 FlashAttention (a cuDNN graph built every call) and budget 131072 +1.2%; engine-ab-triton-* the
-Triton kernels against the torch.compile engine (+0.8% 650M, +1.2% 3B).
+Triton kernels against the torch.compile engine (+0.8% 650M, +1.2% 3B); engine-linear-* chose fc1 +
+GELU in one Triton matmul and GELU from erfc, and left the other matmuls and q/k/v + rotary on
+cuBLAS (the code of those trials: 6fec684).
 """
 
 from __future__ import annotations
@@ -73,45 +75,47 @@ try:
     import triton
     import triton.language as tl
 
+    from virnucpro_core.kernels import _gelu_fp32
+
     @triton.jit
-    def _gelu_i32(x, n, BLOCK: tl.constexpr):
-        """kernels._gelu with 32-bit offsets (tensors under 2^31 elements), as Inductor indexes."""
+    def _gelu(x, n, ERFC: tl.constexpr, BLOCK: tl.constexpr):
+        """GELU in place, one pass: the engine's (``ERFC``: from erfc, as in kernels.linear_gelu) or the
+        earlier 0.5 * x * (1 + erf(x / sqrt(2)))."""
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         m = i < n
         v = tl.load(x + i, mask=m, other=0.0).to(tl.float32)
-        tl.store(x + i, (0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))).to(x.dtype.element_ty), mask=m)
+        g = _gelu_fp32(v) if ERFC else 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
+        tl.store(x + i, g.to(x.dtype.element_ty), mask=m)
 except ImportError:
     triton = None
 
 
-def gelu_i32(block: int, warps: int):
-    """A candidate for kernels.gelu_: 32-bit offsets, another block size."""
+def gelu_pass(erfc: bool, block: int = 2048, warps: int = 8):
+    """A GELU pass in place after cuBLAS's fc1 (tensors under 2^31 elements)."""
 
     def gelu_(x: torch.Tensor) -> torch.Tensor:
         n = x.numel()
         assert x.is_contiguous() and n < 2**31
-        _gelu_i32[(triton.cdiv(n, block),)](x, n, BLOCK=block, num_warps=warps)
+        _gelu[(triton.cdiv(n, block),)](x, n, ERFC=erfc, BLOCK=block, num_warps=warps)
         return x
 
     return gelu_
 
 
-GELUS = {"i32_1024_4": gelu_i32(1024, 4), "i32_2048_8": gelu_i32(2048, 8), "i32_4096_8": gelu_i32(4096, 8)}
+GELUS = {"erfc": gelu_pass(True), "erf": gelu_pass(False), "erf_4096_8": gelu_pass(False, 4096, 8)}
 
 
 def gelu_check(doc: dict) -> None:
-    """The engine's GELU kernel, Inductor's (torch.compile of F.gelu) and the candidates of GELUS on the
-    feed-forward activations of a 65536-token pack (650M and 3B widths): time, GB/s, elements that differ."""
+    """The GELU passes of GELUS and Inductor's (torch.compile of F.gelu) on the feed-forward activations of
+    a 65536-token pack (650M and 3B widths): time, GB/s, elements that differ from PyTorch's."""
     from triton.testing import do_bench
-
-    from virnucpro_core.kernels import gelu_
 
     inductor = torch.compile(torch.nn.functional.gelu, dynamic=True, options={"coordinate_descent_tuning": True})
     for width in (5120, 10240):
         x = (torch.randn(65536, width, device="cuda") * 2).to(torch.bfloat16)
         want = torch.nn.functional.gelu(x)
         row = {"shape": [65536, width]}
-        for name, fn in {"engine": gelu_, "inductor": inductor, **GELUS}.items():
+        for name, fn in {"inductor": inductor, **GELUS}.items():
             y = x.clone()
             got = fn(y)
             row[f"{name}_differs_from_torch"] = float((got != want).float().mean())
@@ -121,7 +125,7 @@ def gelu_check(doc: dict) -> None:
         print(json.dumps(row), flush=True)
 
 
-# kernels.linear configs: name -> ((BM, BN, BK, GROUP_M, num_stages, num_warps), persistent: one program per
+# kernels.linear_gelu configs: name -> ((BM, BN, BK, GROUP_M, num_stages, num_warps), persistent: one program per
 # multiprocessor, else one per tile)
 FC1_CONFIGS = {
     "256x128s3p": ((256, 128, 64, 8, 3, 8), True),
@@ -138,8 +142,8 @@ def ulp_err(got, exact):
 
 
 def fc1_check(doc: dict, shapes: str) -> None:
-    """fc1 and GELU of a 65519-token pack (650M and 3B widths): cuBLAS, then the GELU kernel, against
-    kernels.linear with each config of FC1_CONFIGS; error against the fp64 GELU of the fp64 matmul."""
+    """fc1 and GELU of a 65519-token pack (650M and 3B widths): cuBLAS, then the erfc GELU pass, against
+    kernels.linear_gelu with each config of FC1_CONFIGS; error against the fp64 GELU of the fp64 matmul."""
     from triton.testing import do_bench
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -151,9 +155,9 @@ def fc1_check(doc: dict, shapes: str) -> None:
         b = (torch.randn(n, device="cuda") * 0.5).to(torch.bfloat16)
         exact = F.gelu(x.double() @ w.double().T + b.double())
         row = {"M": m, "N": n, "K": k}
-        runs = {"cublas": lambda: F.linear(x, w, b), "cublas_gelu": lambda: kernels.gelu_(F.linear(x, w, b))}
+        runs = {"cublas": lambda: F.linear(x, w, b), "cublas_gelu": lambda: GELUS["erfc"](F.linear(x, w, b))}
         for name, (cfg, persistent) in FC1_CONFIGS.items():
-            runs[name] = lambda cfg=cfg, p=sms if persistent else 1 << 30: kernels.linear(x, w, b, gelu=True, config=cfg, programs=p)
+            runs[name] = lambda cfg=cfg, p=sms if persistent else 1 << 30: kernels.linear_gelu(x, w, b, cfg, p)
         for name, fn in runs.items():
             try:
                 if name != "cublas":
@@ -169,7 +173,6 @@ def fc1_check(doc: dict, shapes: str) -> None:
 
 def cublas_then(gelu):
     """fc1 on cuBLAS, then ``gelu`` in place: the engine's feed-forward before linear_gelu."""
-
     return lambda h, w, b: gelu(F.linear(h, w, b))
 
 
@@ -178,7 +181,7 @@ VARIANTS = {
     "current": lambda emb: None,
     "cudnn": lambda emb: setattr(emb.packed, "attend", cudnn_attend),
     "cudnn_fixed": lambda emb: setattr(emb.packed, "attend", cudnn_fixed_attend),
-    "cublas_gelu": lambda emb: setattr(emb.packed, "linear_gelu", cublas_then(kernels.gelu_)),
+    "cublas_gelu": lambda emb: setattr(emb.packed, "linear_gelu", cublas_then(GELUS["erfc"])),
     **{f"gelu_{k}": (lambda emb, f=f: setattr(emb.packed, "linear_gelu", cublas_then(f))) for k, f in GELUS.items()},
 }
 

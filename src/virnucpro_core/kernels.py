@@ -1,18 +1,17 @@
-"""Triton kernels for the element-wise work between the matmuls of a layer, on a GPU.
+"""Triton kernels for a layer's work besides cuBLAS's matmuls, on a GPU.
 
-Three kernels do all of it, each one pass over memory:
 - :func:`add_layer_norm`: a matmul's output (and its bias) added to the fp32 residual stream in
   place, then the layer norm of the result in the model's dtype, for the next matmul;
-- :func:`linear`: a matmul with its bias and, for fc1, the exact GELU in the same kernel;
-- :func:`gelu_`: exact GELU in place (the same GELU arithmetic, :func:`_gelu_fp32`);
+- :func:`linear_gelu`: fc1 and its exact GELU in one matmul kernel, the bias and GELU in fp32 on the
+  accumulator, rounded once (cuBLAS, then a GELU pass, rounds twice and moves the activations twice);
 - :func:`rotary_qk`: rotary q/k read straight from the fused q/k/v projection, in fp32 with the fp32
   tables, written contiguous for attention (v goes to attention as a view).
 
 They compute what :mod:`.packed_esm`'s PyTorch path computes (the CPU and reference path), in the
-same order. They replace torch.compile's kernels of the same work: the forward is 0.8% (650M) and
-1.2% (3B) faster than with those (H200, one process), and an embed job no longer imports the
-compiler and loads its cache before its first pack (about 12 s of start-up on the H200). Triton
-keeps compiled kernels in its on-disk cache (``~/.triton/cache``): a job loads them in milliseconds.
+same order, except that fc1's output is not rounded before the GELU. They replaced torch.compile
+(an embed job no longer imports the compiler and loads its cache: about 12 s of start-up on the
+H200). Triton keeps compiled kernels in its on-disk cache (``~/.triton/cache``): a job loads them in
+milliseconds. Measurements: README's Performance section.
 """
 
 from __future__ import annotations
@@ -68,18 +67,11 @@ if triton is not None:
         return v * tl.where(v >= 0, 1.0 - half_erfc, half_erfc)
 
     @triton.jit
-    def _gelu(x, n, BLOCK: tl.constexpr):
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        m = i < n
-        v = tl.load(x + i, mask=m, other=0.0).to(tl.float32)
-        tl.store(x + i, _gelu_fp32(v).to(x.dtype.element_ty), mask=m)
-
-    @triton.jit
-    def _linear(x_desc, w_desc, out_desc, bias, M, N, K, programs, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-        """out (M, N) = x (M, K) @ w (N, K).T (+ bias) in fp32, then exact GELU if ``GELU``. One (BM, BN) tile
-        after another over a persistent grid of ``programs``, in groups of GROUP_M row tiles so that a
-        group's x rows stay in L2."""
+    def _linear_gelu(x_desc, w_desc, out_desc, bias, M, N, K, programs, BM: tl.constexpr, BN: tl.constexpr,
+                     BK: tl.constexpr, GROUP_M: tl.constexpr):
+        """out (M, N) = gelu(x (M, K) @ w (N, K).T + bias), in fp32 until the store. One (BM, BN) tile after
+        another over a persistent grid of ``programs``, in groups of GROUP_M row tiles so that a group's
+        x rows stay in L2."""
         tiles_m, tiles_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
         for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, programs, flatten=True):
             group, r = tile // (GROUP_M * tiles_n), tile % (GROUP_M * tiles_n)
@@ -88,12 +80,9 @@ if triton is not None:
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for k in range(0, tl.cdiv(K, BK)):
                 acc = tl.dot(x_desc.load([m0, k * BK]), w_desc.load([n0, k * BK]).T, acc)
-            if HAS_BIAS:
-                n = n0 + tl.arange(0, BN)
-                acc += tl.load(bias + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
-            if GELU:
-                acc = _gelu_fp32(acc)
-            out_desc.store([m0, n0], acc.to(w_desc.dtype))
+            n = n0 + tl.arange(0, BN)
+            acc += tl.load(bias + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+            out_desc.store([m0, n0], _gelu_fp32(acc).to(w_desc.dtype))
 
     @triton.jit
     def _rotary_qk(qkv, cos, sin, out, T, H: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -129,38 +118,24 @@ def add_layer_norm(x: torch.Tensor, y: torch.Tensor | None, y_bias: torch.Tensor
     return x, h
 
 
-def gelu_(x: torch.Tensor) -> torch.Tensor:
-    """Exact GELU of ``x`` in place, computed in fp32."""
-    assert x.is_contiguous()
-    n, block = x.numel(), 2048
-    _gelu[(triton.cdiv(n, block),)](x, n, BLOCK=block, num_warps=8)
-    return x
+# linear_gelu's tiles: (BM, BN, BK, GROUP_M, num_stages, num_warps), the fastest of those tried on the H200
+LINEAR_GELU = (256, 128, 64, 8, 3, 8)
 
 
-# linear's tiles: (BM, BN, BK, GROUP_M, num_stages, num_warps)
-LINEAR = (256, 128, 64, 8, 3, 8)
-
-
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, gelu: bool = False, config: tuple = LINEAR,
-           programs: int | None = None) -> torch.Tensor:
-    """``x @ w.T (+ b)`` (x (M, K), w (N, K), b (N,), one dtype) in one kernel, then exact GELU if ``gelu``:
-    in fp32 on the matmul's accumulator, rounded once. ``programs``: the persistent grid (default: one
-    per multiprocessor)."""
+def linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, config: tuple = LINEAR_GELU,
+                programs: int | None = None) -> torch.Tensor:
+    """Exact GELU of ``x @ w.T + b`` (x (M, K), w (N, K), b (N,), one dtype) in one kernel. ``programs``:
+    the persistent grid (default: one per multiprocessor)."""
     (M, K), N = x.shape, w.shape[0]
-    assert x.is_contiguous() and w.is_contiguous() and w.shape[1] == K and x.dtype == w.dtype == (w.dtype if b is None else b.dtype)
+    assert x.is_contiguous() and w.is_contiguous() and w.shape[1] == K and x.dtype == w.dtype == b.dtype
     bm, bn, bk, group, stages, warps = config
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     programs = min(tiles, programs or torch.cuda.get_device_properties(x.device).multi_processor_count)
-    _linear[(programs,)](TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]),
-                         TensorDescriptor.from_tensor(out, [bm, bn]), w if b is None else b, M, N, K, programs,
-                         HAS_BIAS=b is not None, GELU=gelu, BM=bm, BN=bn, BK=bk, GROUP_M=group, num_stages=stages, num_warps=warps)
+    _linear_gelu[(programs,)](TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]),
+                              TensorDescriptor.from_tensor(out, [bm, bn]), b, M, N, K, programs, BM=bm, BN=bn, BK=bk,
+                              GROUP_M=group, num_stages=stages, num_warps=warps)
     return out
-
-
-def linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """fc1 and GELU in one kernel (:func:`linear`)."""
-    return linear(x, w, b, gelu=True)
 
 
 def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
