@@ -23,6 +23,7 @@ import sys
 import numpy as np
 import torch
 
+from bench_embed import SHAPES
 from virnucpro_core.equivalence import reference_hidden
 from virnucpro_core.model import build_esm2
 from virnucpro_core.options import ESM2_MODELS
@@ -30,7 +31,6 @@ from virnucpro_core.packed_esm import PackedESM2, residues
 from virnucpro_core.packing import Pack
 from virnucpro_core.tokenizer import Tokenizer
 
-SHAPES = {"8M": "esm2_t6_8M_UR50D", "650M": "esm2_t33_650M_UR50D", "3B": "esm2_t36_3B_UR50D", "15B": "esm2_t48_15B_UR50D"}
 LENGTHS = (3, 8, 50, 160, 250, 400, 700, 1000)
 AA = "ACDEFGHIKLMNPQRSTVWY"
 

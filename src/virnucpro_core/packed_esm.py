@@ -3,10 +3,11 @@
 Reuses the weights of a fair-esm ``ESM2`` (q/k/v fused into one projection) and computes
 what fair-esm's forward computes, sequence by sequence:
 token-dropout scale, pre-LN layers, rotary q/k (fp32 tables, positions restarting at every
-sequence), varlen attention with scale 1/sqrt(head_dim), exact erf GELU, final layer norm.
-The residual stream is kept in fp32; the matmuls run in the model's dtype (cuBLAS). On a GPU the
-element-wise work between them is three Triton kernels (:mod:`.kernels`); elsewhere it is PyTorch
-(the functions below), the same arithmetic in the same order.
+sequence), varlen attention with scale 1/sqrt(head_dim), exact GELU, final layer norm.
+The residual stream is kept in fp32; the matmuls run in the model's dtype. On a GPU the work
+besides cuBLAS's matmuls is Triton kernels (:mod:`.kernels`: residual add + layer norm, rotary, and
+fc1 with its GELU); elsewhere it is PyTorch (the functions below), the same arithmetic in the same
+order except that the kernels round fc1's output once, after the GELU.
 
 Shapes: T tokens in the pack, D model dim, H heads, d = D / H head dim, S sequences.
 """
