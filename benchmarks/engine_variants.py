@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.util
 import json
 import os
@@ -125,13 +126,30 @@ def gelu_check(doc: dict) -> None:
         print(json.dumps(row), flush=True)
 
 
-# kernels.linear_gelu configs: name -> ((BM, BN, BK, GROUP_M, num_stages, num_warps), persistent: one program per
-# multiprocessor, else one per tile)
+# fc1 + GELU kernels: name -> (kernels.linear_gelu and its config (BM, BN, BK, GROUP_M, num_stages, num_warps,
+# programs per multiprocessor, epilogue split)) or (kernels.linear_gelu_ws and its config (BM, BN, BK, GROUP_M,
+# stages, consumer registers)). Two programs per multiprocessor (each with half the registers and shared memory)
+# or the warp-specialised ping-pong kernel run one tile's GELU epilogue under another tile's matmul.
 FC1_CONFIGS = {
-    "256x128s3p": ((256, 128, 64, 8, 3, 8), True),
-    "256x128s3t": ((256, 128, 64, 8, 3, 8), False),
-    "128x256s3p": ((128, 256, 64, 8, 3, 8), True),
+    "256x128s3": ("linear_gelu", (256, 128, 64, 8, 3, 8, 1, 1)),
+    "ws128x128s4": ("linear_gelu_ws", (128, 128, 64, 8, 4, 232)),
+    "ws128x128s5": ("linear_gelu_ws", (128, 128, 64, 8, 5, 232)),
+    "ws128x128s4g16": ("linear_gelu_ws", (128, 128, 64, 16, 4, 232)),
+    "ws64x256s3": ("linear_gelu_ws", (64, 256, 64, 8, 3, 232)),
+    "ws64x256s4": ("linear_gelu_ws", (64, 256, 64, 8, 4, 232)),
+    "ws64x256s4g16": ("linear_gelu_ws", (64, 256, 64, 16, 4, 232)),
 }
+FC1_BEST: dict[int, tuple] = {}  # model dim -> the fastest config of fc1_check
+
+
+def compiled_linear_gelu() -> dict:
+    """Registers, spills and shared memory of each compiled linear_gelu kernel (Triton's cache), by object id."""
+    found = {}
+    for fn in (kernels._linear_gelu, kernels._linear_gelu_ws):
+        for k in (k for cache in getattr(fn, "device_caches", {}).values() for k in cache[0].values()):
+            found[id(k)] = {"regs": getattr(k, "n_regs", None), "spills": getattr(k, "n_spills", None),
+                            "shared": getattr(k.metadata, "shared", None)}
+    return found
 
 
 def ulp_err(got, exact):
@@ -146,7 +164,6 @@ def fc1_check(doc: dict, shapes: str) -> None:
     kernels.linear_gelu with each config of FC1_CONFIGS; error against the fp64 GELU of the fp64 matmul."""
     from triton.testing import do_bench
 
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for dim in ({"650M": 1280, "3B": 2560}[s] for s in shapes.split(",")):
         m, n, k = 65519, 4 * dim, dim
         torch.manual_seed(0)
@@ -156,16 +173,24 @@ def fc1_check(doc: dict, shapes: str) -> None:
         exact = F.gelu(x.double() @ w.double().T + b.double())
         row = {"M": m, "N": n, "K": k}
         runs = {"cublas": lambda: F.linear(x, w, b), "cublas_gelu": lambda: GELUS["erfc"](F.linear(x, w, b))}
-        for name, (cfg, persistent) in FC1_CONFIGS.items():
-            runs[name] = lambda cfg=cfg, p=sms if persistent else 1 << 30: kernels.linear_gelu(x, w, b, cfg, p)
+        for name, (fn, cfg) in FC1_CONFIGS.items():
+            runs[name] = lambda fn=getattr(kernels, fn), cfg=cfg: fn(x, w, b, cfg)
         for name, fn in runs.items():
             try:
+                seen = compiled_linear_gelu()
                 if name != "cublas":
                     row[f"{name}_max_ulp"], row[f"{name}_mean_abs"] = ulp_err(fn(), exact)
                 row[f"{name}_ms"] = do_bench(fn, return_mode="median")
                 row[f"{name}_tflops"] = 2 * m * n * k / row[f"{name}_ms"] / 1e9
+                for key, meta in compiled_linear_gelu().items():
+                    if key not in seen:
+                        row[f"{name}_kernel"] = meta
             except Exception as exc:  # noqa: BLE001
                 row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:200]
+        timed = {name: row[f"{name}_ms"] for name in FC1_CONFIGS if f"{name}_ms" in row}
+        row["best"] = min(timed, key=timed.get)
+        fn, cfg = FC1_CONFIGS[row["best"]]
+        FC1_BEST[k] = functools.partial(getattr(kernels, fn), config=cfg)
         doc["fc1"].append(row)
         print(json.dumps(row), flush=True)
         exact = None
@@ -182,6 +207,9 @@ VARIANTS = {
     "cudnn": lambda emb: setattr(emb.packed, "attend", cudnn_attend),
     "cudnn_fixed": lambda emb: setattr(emb.packed, "attend", cudnn_fixed_attend),
     "cublas_gelu": lambda emb: setattr(emb.packed, "linear_gelu", cublas_then(GELUS["erfc"])),
+    "fc1_best": lambda emb: setattr(emb.packed, "linear_gelu", FC1_BEST[emb.packed.esm2.embed_dim]),
+    **{f"fc1_{k}": (lambda emb, f=f, c=c: setattr(emb.packed, "linear_gelu", functools.partial(getattr(kernels, f), config=c)))
+       for k, (f, c) in FC1_CONFIGS.items()},
     **{f"gelu_{k}": (lambda emb, f=f: setattr(emb.packed, "linear_gelu", cublas_then(f))) for k, f in GELUS.items()},
 }
 
@@ -261,7 +289,7 @@ def main() -> int:
             mod = old if variant == "old" else embed_module
             plan = build_plan(lengths, budget, "truncate", 0)
             loaded = LoadedModel(esm2, esm2.alphabet, name, "random", "-")
-            emb = mod.Embedder(loaded, "cuda", "bfloat16", "auto", **({"compile": True} if variant == "old" else {}))
+            emb = mod.Embedder(loaded, "cuda", "bfloat16", "auto")
             if variant != "old":
                 VARIANTS[variant](emb)
             outputs = mod.Outputs.resolve(layers, EmbeddingOptions())
