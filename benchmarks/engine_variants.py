@@ -21,7 +21,10 @@ norm +0.8%, max-autotune +1% for a 2 min compile, not taken) and showed Inductor
 FlashAttention (a cuDNN graph built every call) and budget 131072 +1.2%; engine-ab-triton-* the
 Triton kernels against the torch.compile engine (+0.8% 650M, +1.2% 3B); engine-linear-* chose fc1 +
 GELU in one Triton matmul and GELU from erfc, and left the other matmuls and q/k/v + rotary on
-cuBLAS (the code of those trials: 6fec684).
+cuBLAS (the code of those trials: 6fec684); engine-gelu-* found fc1's matmul within 3% of cuBLAS and its
+GELU epilogue bound by instruction issue (benchmarks/fc1_epilogue_probe.py), wrote the GELU in 17
+instructions an element instead of 30 (+0.9% 3B, +1.2% 650M), and dropped the occupancy, split-epilogue
+and Gluon ping-pong trials (their code: 72e5482).
 """
 
 from __future__ import annotations
@@ -126,30 +129,22 @@ def gelu_check(doc: dict) -> None:
         print(json.dumps(row), flush=True)
 
 
-# fc1 + GELU kernels: name -> (kernels.linear_gelu and its config (BM, BN, BK, GROUP_M, num_stages, num_warps,
-# programs per multiprocessor, epilogue split)) or (kernels.linear_gelu_ws and its config (BM, BN, BK, GROUP_M,
-# stages, consumer registers)). Two programs per multiprocessor (each with half the registers and shared memory)
-# or the warp-specialised ping-pong kernel run one tile's GELU epilogue under another tile's matmul.
+# kernels.linear_gelu configs: name -> (BM, BN, BK, GROUP_M, num_stages, num_warps). Tried and dropped (the
+# code: 72e5482; results: engine-gelu-*): two programs per multiprocessor, an epilogue split in two, and a
+# Gluon ping-pong kernel (two consumer warpgroups taking turns, one's GELU epilogue under the other's matmul).
 FC1_CONFIGS = {
-    "256x128s3": ("linear_gelu", (256, 128, 64, 8, 3, 8, 1, 1)),
-    "ws128x128s4": ("linear_gelu_ws", (128, 128, 64, 8, 4, 232)),
-    "ws128x128s5": ("linear_gelu_ws", (128, 128, 64, 8, 5, 232)),
-    "ws128x128s4g16": ("linear_gelu_ws", (128, 128, 64, 16, 4, 232)),
-    "ws64x256s3": ("linear_gelu_ws", (64, 256, 64, 8, 3, 232)),
-    "ws64x256s4": ("linear_gelu_ws", (64, 256, 64, 8, 4, 232)),
-    "ws64x256s4g16": ("linear_gelu_ws", (64, 256, 64, 16, 4, 232)),
+    "256x128s3": (256, 128, 64, 8, 3, 8),
+    "128x256s3": (128, 256, 64, 8, 3, 8),
+    "128x128s4": (128, 128, 64, 8, 4, 8),
 }
 FC1_BEST: dict[int, tuple] = {}  # model dim -> the fastest config of fc1_check
 
 
 def compiled_linear_gelu() -> dict:
     """Registers, spills and shared memory of each compiled linear_gelu kernel (Triton's cache), by object id."""
-    found = {}
-    for fn in (kernels._linear_gelu, kernels._linear_gelu_ws):
-        for k in (k for cache in getattr(fn, "device_caches", {}).values() for k in cache[0].values()):
-            found[id(k)] = {"regs": getattr(k, "n_regs", None), "spills": getattr(k, "n_spills", None),
-                            "shared": getattr(k.metadata, "shared", None)}
-    return found
+    caches = getattr(kernels._linear_gelu, "device_caches", {}).values()
+    return {id(k): {"regs": k.n_regs, "spills": k.n_spills, "shared": k.metadata.shared}
+            for cache in caches for k in cache[0].values()}
 
 
 def ulp_err(got, exact):
@@ -173,8 +168,8 @@ def fc1_check(doc: dict, shapes: str) -> None:
         exact = F.gelu(x.double() @ w.double().T + b.double())
         row = {"M": m, "N": n, "K": k}
         runs = {"cublas": lambda: F.linear(x, w, b), "cublas_gelu": lambda: GELUS["erfc"](F.linear(x, w, b))}
-        for name, (fn, cfg) in FC1_CONFIGS.items():
-            runs[name] = lambda fn=getattr(kernels, fn), cfg=cfg: fn(x, w, b, cfg)
+        for name, cfg in FC1_CONFIGS.items():
+            runs[name] = lambda cfg=cfg: kernels.linear_gelu(x, w, b, cfg)
         for name, fn in runs.items():
             try:
                 seen = compiled_linear_gelu()
@@ -189,8 +184,7 @@ def fc1_check(doc: dict, shapes: str) -> None:
                 row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:200]
         timed = {name: row[f"{name}_ms"] for name in FC1_CONFIGS if f"{name}_ms" in row}
         row["best"] = min(timed, key=timed.get)
-        fn, cfg = FC1_CONFIGS[row["best"]]
-        FC1_BEST[k] = functools.partial(getattr(kernels, fn), config=cfg)
+        FC1_BEST[k] = FC1_CONFIGS[row["best"]]
         doc["fc1"].append(row)
         print(json.dumps(row), flush=True)
         exact = None
@@ -207,9 +201,8 @@ VARIANTS = {
     "cudnn": lambda emb: setattr(emb.packed, "attend", cudnn_attend),
     "cudnn_fixed": lambda emb: setattr(emb.packed, "attend", cudnn_fixed_attend),
     "cublas_gelu": lambda emb: setattr(emb.packed, "linear_gelu", cublas_then(GELUS["erfc"])),
-    "fc1_best": lambda emb: setattr(emb.packed, "linear_gelu", FC1_BEST[emb.packed.esm2.embed_dim]),
-    **{f"fc1_{k}": (lambda emb, f=f, c=c: setattr(emb.packed, "linear_gelu", functools.partial(getattr(kernels, f), config=c)))
-       for k, (f, c) in FC1_CONFIGS.items()},
+    "fc1_best": lambda emb: setattr(emb.packed, "linear_gelu", functools.partial(
+        kernels.linear_gelu, config=FC1_BEST[emb.packed.esm2.embed_dim])),
     **{f"gelu_{k}": (lambda emb, f=f: setattr(emb.packed, "linear_gelu", cublas_then(f))) for k, f in GELUS.items()},
 }
 
