@@ -2,13 +2,13 @@
 
     OUT=. python benchmarks/fc1_epilogue_probe.py
 
-``bias``: bias only (the matmul's own cost); ``gelu``: the engine's GELU; ``gelu_previous``: the same
-formula as it was written before 72e5482 (fdiv, exp, select); ``sigmoid``: x * sigmoid(1.702 x)
-(two special-function ops, a timing probe, not a GELU the engine could use); against cuBLAS (bias) and
-cuBLAS then PyTorch's GELU, and kernels.linear_gelu itself. Writes $OUT/fc1-epilogue-probe.json.
-
-Seen on the H200 (results/engine-gelu-*): ``triton_gelu`` ran 1.2 ms slower than linear_gelu at the 3B
-width although both compile to the same 4376 lines of SASS; linear_gelu is the reference for the GELU's cost.
+The engine's kernel (kernels._linear_gelu) with its activation replaced: ``triton_bias``: bias only (the
+matmul's own cost); ``triton_gelu_previous``: the GELU as it was written before 72e5482 (fdiv, exp,
+select); ``triton_sigmoid_probe``: x * sigmoid(1.702 x) (two special-function ops, a timing probe, not a
+GELU the engine could use); against cuBLAS (bias), cuBLAS then PyTorch's GELU, and kernels.linear_gelu
+itself. Writes $OUT/fc1-epilogue-probe.json. The runs in results/engine-gelu-* used a copy of the kernel
+in this file, whose ``triton_gelu`` column (the same GELU as linear_gelu, the same 4376 lines of SASS)
+ran 1.2 ms slower than linear_gelu at the 3B width, unexplained; linear_gelu was the reference there too.
 """
 
 from __future__ import annotations
@@ -47,34 +47,24 @@ def _gelu_previous(v):
 
 
 @triton.jit
-def _probe(x_desc, w_desc, out_desc, bias, M, N, K, programs, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-           GROUP_M: tl.constexpr, EPILOGUE: tl.constexpr):
-    tiles_m, tiles_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, programs, flatten=True):
-        group, r = tile // (GROUP_M * tiles_n), tile % (GROUP_M * tiles_n)
-        rows = min(tiles_m - group * GROUP_M, GROUP_M)
-        m0, n0 = (group * GROUP_M + r % rows) * BM, (r // rows) * BN
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BK)):
-            acc = tl.dot(x_desc.load([m0, k * BK]), w_desc.load([n0, k * BK]).T, acc)
-        n = n0 + tl.arange(0, BN)
-        acc += tl.load(bias + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
-        if EPILOGUE == 1:
-            acc = kernels._gelu_fp32(acc)
-        elif EPILOGUE == 2:
-            acc = acc * tl.sigmoid(1.702 * acc)
-        elif EPILOGUE == 3:
-            acc = _gelu_previous(acc)
-        out_desc.store([m0, n0], acc.to(w_desc.dtype))
+def _bias_only(v):
+    return v
 
 
-def probe(x, w, b, epilogue):
+@triton.jit
+def _sigmoid_probe(v):
+    return v * tl.sigmoid(1.702 * v)
+
+
+def probe(x, w, b, act):
+    """kernels.linear_gelu with ``act`` in place of its GELU."""
     (M, K), N = x.shape, w.shape[0]
+    bm, bn, bk, group, stages, warps = kernels.LINEAR_GELU
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     programs = torch.cuda.get_device_properties(0).multi_processor_count
-    _probe[(programs,)](TensorDescriptor.from_tensor(x, [256, 64]), TensorDescriptor.from_tensor(w, [128, 64]),
-                        TensorDescriptor.from_tensor(out, [256, 128]), b, M, N, K, programs, BM=256, BN=128, BK=64,
-                        GROUP_M=8, EPILOGUE=epilogue, num_stages=3, num_warps=8)
+    kernels._linear_gelu[(programs,)](TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]),
+                                      TensorDescriptor.from_tensor(out, [bm, bn]), b, M, N, K, programs, BM=bm, BN=bn,
+                                      BK=bk, GROUP_M=group, ACT=act, num_stages=stages, num_warps=warps)
     return out
 
 
@@ -86,11 +76,10 @@ def main() -> int:
         x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
         w = (torch.randn(n, k, device="cuda") * k**-0.5).to(torch.bfloat16)
         b = (torch.randn(n, device="cuda") * 0.5).to(torch.bfloat16)
-        assert torch.equal(probe(x, w, b, 1), kernels.linear_gelu(x, w, b))
+        assert torch.equal(probe(x, w, b, kernels._gelu_fp32), kernels.linear_gelu(x, w, b))
         runs = {"cublas_bias": lambda: F.linear(x, w, b), "cublas_then_gelu_pass": lambda: F.gelu(F.linear(x, w, b)),
-                "triton_bias": lambda: probe(x, w, b, 0), "triton_gelu": lambda: probe(x, w, b, 1),
-                "triton_sigmoid_probe": lambda: probe(x, w, b, 2), "triton_gelu_previous": lambda: probe(x, w, b, 3),
-                "linear_gelu": lambda: kernels.linear_gelu(x, w, b)}
+                "triton_bias": lambda: probe(x, w, b, _bias_only), "triton_sigmoid_probe": lambda: probe(x, w, b, _sigmoid_probe),
+                "triton_gelu_previous": lambda: probe(x, w, b, _gelu_previous), "linear_gelu": lambda: kernels.linear_gelu(x, w, b)}
         row = {"M": m, "N": n, "K": k}
         for _ in range(2):  # interleaved twice, the second kept
             for name, fn in runs.items():

@@ -77,10 +77,10 @@ if triton is not None:
 
     @triton.jit
     def _linear_gelu(x_desc, w_desc, out_desc, bias, M, N, K, programs, BM: tl.constexpr, BN: tl.constexpr,
-                     BK: tl.constexpr, GROUP_M: tl.constexpr):
-        """out (M, N) = gelu(x (M, K) @ w (N, K).T + bias), in fp32 until the store. One (BM, BN) tile after
-        another over a persistent grid of ``programs``, in groups of GROUP_M row tiles so that a group's
-        x rows stay in L2."""
+                     BK: tl.constexpr, GROUP_M: tl.constexpr, ACT: tl.constexpr):
+        """out (M, N) = ACT(x (M, K) @ w (N, K).T + bias), in fp32 until the store; ACT is _gelu_fp32 (other
+        functions: benchmarks/fc1_epilogue_probe.py). One (BM, BN) tile after another over a persistent grid
+        of ``programs``, in groups of GROUP_M row tiles so that a group's x rows stay in L2."""
         tiles_m, tiles_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
         for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, programs, flatten=True):
             group, r = tile // (GROUP_M * tiles_n), tile % (GROUP_M * tiles_n)
@@ -91,7 +91,7 @@ if triton is not None:
                 acc = tl.dot(x_desc.load([m0, k * BK]), w_desc.load([n0, k * BK]).T, acc)
             n = n0 + tl.arange(0, BN)
             acc += tl.load(bias + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
-            out_desc.store([m0, n0], _gelu_fp32(acc).to(w_desc.dtype))
+            out_desc.store([m0, n0], ACT(acc).to(w_desc.dtype))
 
     @triton.jit
     def _rotary_qk(qkv, cos, sin, out, T, H: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -143,7 +143,7 @@ def linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, config: tuple
     programs = min(tiles, programs or torch.cuda.get_device_properties(x.device).multi_processor_count)
     _linear_gelu[(programs,)](TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]),
                               TensorDescriptor.from_tensor(out, [bm, bn]), b, M, N, K, programs, BM=bm, BN=bn, BK=bk,
-                              GROUP_M=group, num_stages=stages, num_warps=warps)
+                              GROUP_M=group, ACT=_gelu_fp32, num_stages=stages, num_warps=warps)
     return out
 
 
