@@ -57,10 +57,10 @@ if triton is not None:
     def _gelu_fp32(v):
         """Exact GELU x * Phi(x) of fp32 ``v`` as max(x, 0) - |x| * Phi(-|x|), with Phi(-|x|) = erfc(z) / 2,
         z = |x| / sqrt(2), and erfc(z) = t * exp(-z^2 + P(t)), t = 1 / (1 + z / 2) (Numerical Recipes' erfcc;
-        relative error 1.2e-7 in exact arithmetic, 1e-5 in fp32 for all x). P's coefficients are scaled to
-        base 2 with the 1/2 folded in: 17 instructions an element (SASS), two of them approximate
-        special-function ones (reciprocal, exp2), against 30 for the formula written with a division, exp and
-        a select. Branch-free, and no cancellation for x < 0 (0.5 * x * (1 + erf(x / sqrt(2))) loses all
+        relative error 1.2e-7 in exact arithmetic, 1e-5 in fp32 for x above -13, below which the result
+        underflows fp32). P's coefficients are scaled to base 2 with the 1/2 folded in: 17 instructions an
+        element (SASS), two of them approximate special-function ones (reciprocal, exp2), against 30 for the
+        formula written with a division, exp and a select. Branch-free, and no cancellation for x < 0 (0.5 * x * (1 + erf(x / sqrt(2))) loses all
         digits below x = -5). fc1's epilogue is bound by these instructions: they run between its tiles."""
         t = _rcp(1.0 + tl.abs(v) * 0.353553391)
         p = 0.246517298 * t - 1.18611495  # log2(e) * (P(t) - ln 2)
