@@ -1,5 +1,5 @@
 # virnucpro: protein FASTA -> packed ESM-2 embeddings in Parquet.
-# FASTA -> shards -> packing plan -> embedding and spot-check (one GPU per job) -> merge.
+# FASTA -> parts (read at once) -> shards: packed embedding and spot-check (one GPU per job) -> merge.
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -17,7 +17,6 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/shard.smk"
-include: "workflow/rules/plan.smk"
 include: "workflow/rules/embed.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/report.smk"

@@ -38,7 +38,7 @@ from virnucpro_core.embed import Embedder, Outputs
 from virnucpro_core.model import LoadedModel, build_esm2
 from virnucpro_core.options import ESM2_MODELS, EmbeddingOptions, Options
 from virnucpro_core.packing import build_plan
-from virnucpro_core.stages import embed, plan, shard
+from virnucpro_core.stages import embed, shard
 
 AA = "ACDEFGHIKLMNPQRSTVWY"
 SHAPES = {"650M": "esm2_t33_650M_UR50D", "3B": "esm2_t36_3B_UR50D", "15B": "esm2_t48_15B_UR50D", "8M": "esm2_t6_8M_UR50D"}
@@ -314,13 +314,13 @@ def main() -> int:
                 fasta = Path(tmp) / "in.faa"
                 fasta.write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(seqs)))
 
-                opts = Options().replace(shards=1, **{"packing.token_budget": budgets[-1], "embedding.device": "cuda",
+                opts = Options().replace(shards=1, input_parts=1, **{"packing.token_budget": budgets[-1], "embedding.device": "cuda",
                                                       "embedding.lock_dir": str(Path(tmp) / "locks")})
 
                 def stage():
-                    shard.run([str(fasta)], Path(tmp) / "shards", opts)
-                    plan.run(Path(tmp) / "shards/shard_0000.parquet", Path(tmp) / "plan.parquet", None, opts)
-                    embed.run(Path(tmp) / "shards/shard_0000.parquet", Path(tmp) / "plan.parquet", loaded, Path(tmp) / "emb.parquet", opts)
+                    man = shard.run([str(fasta)], Path(tmp) / "shards", opts)
+                    parts = [Path(tmp) / "shards" / f"{p}.parquet" for p in man["shards"][0]["parts"]]
+                    embed.run(parts, loaded, Path(tmp) / "emb.parquet", opts)
 
                 t, m = timed(stage, args.repeats)
                 record(name, data, f"stage FASTA->Parquet budget {budgets[-1]}", t, tokens, params, m, base)

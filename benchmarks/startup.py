@@ -1,14 +1,13 @@
 """Where an embed job's start-up goes, on a warm node (issue: scale-out).
 
-    python benchmarks/startup.py --out $OUT/startup.json [--old .dev/old]
+    python benchmarks/startup.py --out $OUT/startup.json
 
-A random-weight 650M-shape checkpoint and a small uniref-like shard (its plan made by the plan
-stage). The embed stage runs as a job runs it (``python -m virnucpro_core embed``, a fresh
-process each time) ``--runs`` times: the first fills the on-disk kernel cache and the page cache,
-the others are what a job on a node that has run one before sees. Per run: wall time, start-up
-(process start to the first pack) and its parts as the job logs them, the first pack, and the
-slowest imports (``python -X importtime``). ``--old``: the same runs with an earlier checkout's
-package (``git archive <commit> src``), in the same session.
+A random-weight 650M-shape checkpoint and a small uniref-like shard (one part of the shard step).
+The embed stage runs as a job runs it (``python -m virnucpro_core embed``, a fresh process each time)
+``--runs`` times: the first fills the on-disk kernel cache and the page cache, the others are what a
+job on a node that has run one before sees. Per run: wall time, start-up (process start to the first
+pack) and its parts as the job logs them, the first pack, and the slowest imports
+(``python -X importtime``).
 """
 
 from __future__ import annotations
@@ -56,7 +55,6 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=400_000)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--shape", default="33,1280,20", help="layers,dim,heads (default: the 650M shape)")
-    ap.add_argument("--old", help="an earlier checkout (git archive of src/) to compare with")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -68,18 +66,16 @@ def main() -> int:
     fasta = work / "small.faa"
     fasta.write_text("".join(f">p{i}\n{s}\n" for i, s in enumerate(dataset("uniref", args.tokens, seed=3))))
     src = ROOT / "src"
-    cli(src, "shard", str(fasta), "--out", str(work / "shards"))
-    shard = next((work / "shards").glob("shard_*.parquet"))
-    cli(src, "plan", str(shard), "--out", str(work / "plan.parquet"))
-    versions = {"new": src, **({"old": Path(args.old).resolve() / "src"} if args.old else {})}
+    cli(src, "shard", str(fasta), "--out", str(work / "shards"), "--input_parts", "1")
+    shard = work / "shards/part_00000.parquet"
+    versions = {"new": src}
     doc = {"date": datetime.date.today().isoformat(), "tokens": args.tokens, "runs": []}
     for run in range(args.runs):
         for label, path in versions.items():
             out = work / f"{label}.parquet"
             out.unlink(missing_ok=True)
             last = run == args.runs - 1
-            wall, err = cli(path, "embed", str(shard), "--plan", str(work / "plan.parquet"), "--model", str(model),
-                            "--out", str(out), importtime=last)
+            wall, err = cli(path, "embed", str(shard), "--model", str(model), "--out", str(out), importtime=last)
             done = json.loads(re.search(r"done: (\{.*\})", err).group(1))
             ready = re.search(r"ready .*", err)
             row = {"code": label, "run": run + 1, "wall_s": wall, "startup_s": done.get("startup_seconds"),

@@ -1,15 +1,17 @@
-"""The whole workflow on one GPU against the engine in one process (issue: scale-out).
+"""The whole workflow on one GPU against the engine in one process, on proteins and on reads.
 
-    python benchmarks/workflow_throughput.py --out-dir $OUT [--tokens 50000000]
+    python benchmarks/workflow_throughput.py --out-dir $OUT [--protein-tokens 55000000] [--reads 340000] [--cores 16]
 
-A random-weight 650M-shape checkpoint (fair-esm format), a uniref-like FASTA (bench_embed's
-generator). First a small warm-up run of the workflow on the same model fills the page cache and
-the on-disk kernel cache, as on a node that has run a job before. Then the measured run with the
-default settings: ``snakemake --cores N --resources gpu=1``, wall time from start to end. Then
-the engine in this process (checkpoint loaded as the jobs load it, compiled, default budget) on
-the first ``--engine-tokens`` of the same proteins. Per embed job: start-up (process start to its
-first pack), the first pack (compiled kernels from the cache), the engine rate inside the job;
-per rule: peak RSS against the memory it asked for.
+A random-weight 650M-shape checkpoint (fair-esm format) and two inputs (:mod:`inputs`): (a) proteins with a
+real length distribution (median 270 residues, ~3% over 1022), (b) 300-bp reads of a bacterial-like genome,
+translated in six frames with the default nucleotide options. A small warm-up run of the workflow first fills
+the page cache and the on-disk kernel cache, as on a node that has run a job before. Then each input with the
+default settings: ``snakemake --cores N --resources gpu=1``, wall time from start to end. Then the engine in
+this process (the checkpoint loaded as the jobs load it, bf16, default budget) on the first
+``--engine-tokens`` of the same proteins (for (b), the proteins the run translated). The ratio is the tokens
+the workflow delivered (every row, duplicates included) per second of its wall time over the engine's tokens
+per second; ``gpu_tokens`` leaves out the rows filled from a duplicate. Per step: when each job started and
+ended, from its own log, relative to the start of the run.
 """
 
 from __future__ import annotations
@@ -23,54 +25,91 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_embed import dataset, sync_time  # noqa: E402
+from bench_embed import sync_time  # noqa: E402
+from inputs import write_proteins, write_reads  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 
 
-def workflow(fasta: Path, model: Path, outdir: Path, cores: int, log: Path) -> float:
-    cmd = [sys.executable, "-m", "snakemake", "--cores", str(cores), "--resources", "gpu=1", "--config",
-           f"input={fasta}", f"model={model}", f"outdir={outdir}"]
-    t = time.time()
+def workflow(config: list[str], cores: int, log: Path) -> tuple[float, float]:
+    cmd = [sys.executable, "-m", "snakemake", "--cores", str(cores), "--resources", "gpu=1", "--config", *config]
+    start = time.time()
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.time() - t
+    wall = time.time() - start
     log.write_text(" ".join(cmd) + "\n\n" + res.stdout + res.stderr)
     if res.returncode:
         print(res.stderr[-4000:])
         raise SystemExit(f"the workflow failed; see {log}")
-    return wall
+    return start, wall
 
 
-def jobs(outdir: Path) -> list[dict]:
+def steps(outdir: Path, start: float) -> list[dict]:
+    """Each job's first and last log line, in seconds from the start of the run."""
     out = []
-    for log in sorted((outdir / "logs/embed_shard").glob("*.log")):
-        done = json.loads(re.search(r"done: (\{.*\})", log.read_text()).group(1))
-        out.append({"shard": log.stem, **{k: done.get(k) for k in ("tokens", "tokens_per_s", "startup_seconds", "first_pack_seconds",
-                                                                   "chunks", "device", "attention_backend")},
-                    "spot_check": done.get("spot_check", {}).get("failed")})
-    return out
+    for log in sorted((outdir / "logs").rglob("*.log")):
+        t = [datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+             for line in log.read_text().splitlines() if (m := STAMP.match(line))]
+        if t:
+            out.append({"job": str(log.relative_to(outdir / "logs").with_suffix("")), "start_s": round(min(t) - start, 2),
+                        "end_s": round(max(t) - start, 2)})
+    return sorted(out, key=lambda r: r["start_s"])
 
 
-def rule_memory(outdir: Path) -> list[dict]:
-    rows = []
-    for bench in sorted((outdir / "benchmarks").rglob("*.tsv")):
-        head, values = bench.read_text().splitlines()[:2]
-        row = dict(zip(head.split("\t"), values.split("\t")))
-        rows.append({"job": str(bench.relative_to(outdir / "benchmarks").with_suffix("")), "s": float(row["s"]),
-                     "max_rss_mb": float(row["max_rss"]) if row["max_rss"] != "NA" else None})
-    return rows
+def embed_jobs(outdir: Path) -> list[dict]:
+    keys = ("rows", "duplicates", "tokens", "seconds", "tokens_per_s", "startup_seconds", "first_pack_seconds", "chunks", "device",
+            "attention_backend", "peak_gib")
+    return [{"shard": p.stem, **{k: json.loads(p.read_text()).get(k) for k in keys}}
+            for p in sorted((outdir / "embeddings").glob("shard_*.json"))]
+
+
+def run_proteins(outdir: Path) -> list[str]:
+    man = json.loads((outdir / "shards/manifest.json").read_text())
+    return pa.concat_tables([pq.read_table(outdir / "shards" / f"{p['name']}.parquet", columns=["sequence"])
+                             for p in man["parts"]])["sequence"].to_pylist()
+
+
+def tokens_of(seqs: list[str]) -> int:
+    return sum(min(len(s), 1022) + 2 for s in seqs)
+
+
+def engine_rate(model: Path, seqs: list[str], n_tokens: int) -> tuple[float, int, list[float]]:
+    """The engine in this process on the first ``n_tokens`` of ``seqs``: tokens/s (the better of two passes)."""
+    from virnucpro_core.embed import Embedder, Outputs
+    from virnucpro_core.model import load_model
+    from virnucpro_core.options import EmbeddingOptions
+    from virnucpro_core.packing import build_plan
+
+    cum = np.cumsum([min(len(s), 1022) + 2 for s in seqs])
+    sub = seqs[: int(np.searchsorted(cum, n_tokens)) + 1]
+    loaded = load_model(str(model))
+    emb = Embedder(loaded, "cuda", "bfloat16", "auto")
+    outputs = Outputs.resolve(loaded.num_layers, EmbeddingOptions())
+    plan = build_plan([len(s) for s in sub], 65536, "truncate", 0)
+    warm = sub[:2000]
+    emb.embed(warm, build_plan([len(s) for s in warm], 65536, "truncate", 0), outputs, progress_every=1e9)
+    times = [sync_time(lambda: emb.embed(sub, plan, outputs, progress_every=1e9)) for _ in range(2)]
+    n = tokens_of(sub)
+    del emb
+    torch.cuda.empty_cache()
+    return n / min(times), n, times
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--work", default="/tmp/virnucpro-throughput")
-    ap.add_argument("--tokens", type=int, default=50_000_000)
-    ap.add_argument("--engine-tokens", type=int, default=5_000_000)
+    ap.add_argument("--protein-tokens", type=int, default=55_000_000)
+    ap.add_argument("--reads", type=int, default=340_000)
+    ap.add_argument("--engine-tokens", type=int, default=8_000_000)
     ap.add_argument("--cores", type=int, default=16)
+    ap.add_argument("--only", choices=("proteins", "reads"), help="one input only")
     args = ap.parse_args()
     out_dir, work = Path(args.out_dir), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -79,53 +118,46 @@ def main() -> int:
     if not model.exists():
         subprocess.run([sys.executable, "-m", "virnucpro_core", "random-model", str(model), "--layers", "33", "--dim", "1280",
                         "--heads", "20"], check=True)
-    print(f"checkpoint written in {time.time() - t:.0f} s", flush=True)
-    seqs = dataset("uniref", args.tokens, seed=2)
-    tokens = sum(len(s) + 2 for s in seqs)
-    fasta = work / "uniref_like.faa"
-    fasta.write_text("".join(f">prot_{i} synthetic\n{s}\n" for i, s in enumerate(seqs)))
-    warm = work / "warm.faa"
-    warm.write_text("".join(f">w_{i}\n{s}\n" for i, s in enumerate(seqs[:1000])))
-    warm_wall = workflow(warm, model, work / "warm", args.cores, out_dir / "snakemake-warm-up.log")
-    print(f"warm-up run (1000 proteins): {warm_wall:.1f} s", flush=True)
-
-    outdir = work / "run"
-    wall = workflow(fasta, model, outdir, args.cores, out_dir / "snakemake.log")
-    per_job = jobs(outdir)
-    print(f"workflow: {len(seqs)} proteins, {tokens} tokens in {wall:.1f} s = {tokens / wall:.0f} tok/s", flush=True)
-    for j in per_job:
-        print(f"  {j}", flush=True)
-
-    # the engine in one process, the checkpoint loaded as the jobs load it
-    from virnucpro_core.embed import Embedder, Outputs
-    from virnucpro_core.model import load_model
-    from virnucpro_core.options import EmbeddingOptions
-    from virnucpro_core.packing import build_plan
-
-    sub, n = [], 0
-    for s in seqs:
-        if n >= args.engine_tokens:
-            break
-        sub.append(s)
-        n += len(s) + 2
-    loaded = load_model(str(model))
-    emb = Embedder(loaded, "cuda", "bfloat16", "auto")
-    outputs = Outputs.resolve(loaded.num_layers, EmbeddingOptions())
-    plan = build_plan([len(s) for s in sub], 65536, "truncate", 0)
-    emb.embed(sub[:2000], build_plan([len(s) for s in sub[:2000]], 65536, "truncate", 0), outputs, progress_every=1e9)  # warm-up
-    times = [sync_time(lambda: emb.embed(sub, plan, outputs, progress_every=1e9)) for _ in range(2)]  # the better of two
-    engine = n / min(times)
-    print(f"engine in process: {n} tokens, {engine:.0f} tok/s (runs {[round(x, 2) for x in times]})", flush=True)
+    proteins, reads, warm = work / "proteins.faa", work / "reads.fna", work / "warm.faa"
+    write_proteins(proteins, args.protein_tokens, seed=2)
+    write_reads(reads, args.reads, seed=3)
+    write_proteins(warm, 300_000, seed=4, prefix="warm")
+    print(f"checkpoint and inputs written in {time.time() - t:.0f} s", flush=True)
+    common = [f"model={model}", "embedding={lock_dir: /tmp/virnucpro-bench-locks}"]
+    _, warm_wall = workflow([f"input={warm}", f"outdir={work / 'warm'}", *common], args.cores, out_dir / "snakemake-warm-up.log")
+    print(f"warm-up run: {warm_wall:.1f} s", flush=True)
 
     doc = {"device": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
-           "model": "650M shape, random weights, fair-esm checkpoint", "proteins": len(seqs), "tokens": tokens,
-           "settings": "defaults (config/config.yaml), --resources gpu=1", "cores": args.cores,
-           "warm_up_wall_s": warm_wall, "workflow_wall_s": wall, "workflow_tok_per_s": tokens / wall,
-           "engine_tok_per_s": engine, "engine_tokens": n, "workflow_vs_engine": tokens / wall / engine,
-           "embed_jobs": per_job, "rules": rule_memory(outdir), "summary": json.loads((outdir / "summary.json").read_text())}
-    print(f"workflow / engine: {doc['workflow_vs_engine']:.2f}", flush=True)
-    (out_dir / "workflow-throughput.json").write_text(json.dumps(doc, indent=1))
+           "model": "650M shape, random weights, fair-esm checkpoint", "settings": "defaults (config/config.yaml), --resources gpu=1",
+           "cores": args.cores, "warm_up_wall_s": warm_wall, "runs": {}}
+    cases = {"proteins": [f"input={proteins}"], "reads": [f"input={reads}", "input_type=nucleotide"]}
+    for name, config in cases.items():
+        if args.only and name != args.only:
+            continue
+        outdir = work / name
+        start, wall = workflow([*config, f"outdir={outdir}", *common], args.cores, out_dir / f"snakemake-{name}.log")
+        seqs = run_proteins(outdir)
+        tokens = tokens_of(seqs)
+        jobs = embed_jobs(outdir)
+        gpu_tokens = sum(j["tokens"] for j in jobs)
+        engine, n, times = engine_rate(model, seqs, args.engine_tokens)
+        summary = json.loads((outdir / "summary.json").read_text())
+        run = {"records": summary["records_in"], "rows": summary["embedded"], "filled_from_duplicates": summary["filled_from_duplicates"],
+               "tokens": tokens, "gpu_tokens": gpu_tokens, "wall_s": wall, "workflow_tok_per_s": tokens / wall,
+               "engine_tok_per_s": engine, "engine_tokens": n, "engine_passes_s": times,
+               "workflow_vs_engine": tokens / wall / engine, "gpu_tokens_vs_engine": gpu_tokens / wall / engine,
+               "gpu_busy_share": sum(j["seconds"] for j in jobs) / wall, "embed_jobs": jobs, "steps": steps(outdir, start),
+               "merge": {k: summary.get(k) for k in ("output", "shards", "merge_seconds")}}
+        doc["runs"][name] = run
+        print(f"{name}: {run['rows']} rows ({run['filled_from_duplicates']} filled from a duplicate), {tokens} tokens in {wall:.1f} s "
+              f"= {tokens / wall:.0f} tok/s; engine {engine:.0f} tok/s; workflow / engine {run['workflow_vs_engine']:.3f} "
+              f"(GPU tokens only: {run['gpu_tokens_vs_engine']:.3f}); GPU busy {run['gpu_busy_share']:.3f}", flush=True)
+        for s in run["steps"]:
+            print(f"  {s['job']:32s} {s['start_s']:8.2f} -> {s['end_s']:8.2f} s", flush=True)
+        for j in jobs:
+            print(f"  {j}", flush=True)
+        (out_dir / "workflow-throughput.json").write_text(json.dumps(doc, indent=1))
     return 0
 
 

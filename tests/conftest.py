@@ -37,3 +37,30 @@ def tiny_checkpoint(tmp_path_factory, tiny_model) -> str:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+def cpu_options(d, **changes):
+    """Options for an in-process run on the CPU, with the GPU locks in ``d``."""
+    from virnucpro_core.options import Options
+
+    return Options().replace(**{"embedding.device": "cpu", "embedding.lock_dir": str(d / "locks"), **changes})
+
+
+def run_stages(d, inputs, options, model):
+    """The workflow's stages in this process, as ``virnucpro extract`` runs them but keeping every shard's files:
+    (summary, the run's Layout)."""
+    from virnucpro_core.layout import Layout
+    from virnucpro_core.stages import embed, merge, shard
+
+    run = Layout(str(d))
+    man = shard.run([str(p) for p in inputs], run.shards, options)
+    done = []
+    for s in man["shards"]:
+        parts = [run.part(p) for p in s["parts"]]
+        embed.run(parts, str(model), run.shard_embeddings(s["name"]), options, earlier=done if options.embedding.deduplicate else [],
+                  plan_out=run.plan(s["name"]), dups_out=run.shard_dups(s["name"]), stats_out=run.shard_stats(s["name"]),
+                  spot_check=run.spot_check(s["name"]))
+        done += parts
+    embeddings = [run.shard_embeddings(s["name"]) for s in man["shards"]]
+    spots = [run.spot_check(s["name"]) for s in man["shards"]]
+    return merge.run(run.manifest, run.shard_skipped, embeddings, spots, d, options), run

@@ -61,7 +61,7 @@ def test_hostile_names_change_nothing_that_runs(tmp_path):
     table = pq.read_table(outdir / "embeddings.parquet")
     assert table.num_rows == 10
     assert read_metadata(outdir / "embeddings.parquet")["checkpoint"] == str(model)  # the very file named, not a truncated path
-    assert (outdir / "logs/shard_fasta.log").is_file()
+    assert (outdir / "logs/shard_index.log").is_file() and (outdir / "logs/shard/part_00000.log").is_file()
 
 
 # ------------------------------------------------------------------ line ends, byte-order marks, binary files
@@ -99,7 +99,7 @@ def test_a_file_listed_twice_is_read_once(tmp_path, caplog):
     p = tmp_path / "a.faa"
     p.write_text(">a\nMKV\n>b\nMKL\n")
     man = shard.run([str(p), os.path.join(str(tmp_path), ".", "a.faa")], tmp_path / "shards", Options(shards=1))
-    assert man["records"] == 2 and [f["records"] for f in man["inputs"]] == [2]
+    assert man["rows"] == 2 and [f["records"] for f in man["inputs"]] == [2]
     assert "listed more than once" in caplog.text
 
 
@@ -196,6 +196,37 @@ def test_an_outdir_claimed_by_a_live_run_is_refused_and_a_dead_runs_claim_taken_
         claim.check(tmp_path, first)
 
 
+@pytest.mark.parametrize("code", [errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK])
+def test_a_filesystem_without_flock_falls_back_to_the_claim_file(tmp_path, monkeypatch, capsys, code):
+    import fcntl
+
+    def no_flock(fh, op):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)  # Lustre mounted noflock, some NFS set-ups
+    first = claim.claim(tmp_path)
+    assert claim.read(tmp_path)["run_id"] == first
+    assert "does not lock files" in capsys.readouterr().out
+    # a claim by a live process of this host still stops a second run; a dead one's is taken over
+    info = {**claim.read(tmp_path), "pid": os.getppid()}
+    files.write_json(tmp_path / claim.CLAIM, info)
+    with pytest.raises(RuntimeError, match=f"is in use by another run \\(run {first}, pid {os.getppid()}"):
+        claim.claim(tmp_path)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    files.write_json(tmp_path / claim.CLAIM, {**info, "pid": dead.pid})
+    second = claim.claim(tmp_path)
+    assert second != first and "taking it over from run" in capsys.readouterr().out
+
+
+def test_other_lock_errors_are_not_hidden(tmp_path, monkeypatch):
+    import fcntl
+
+    monkeypatch.setattr(fcntl, "flock", lambda fh, op: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):
+        claim.claim(tmp_path)
+
+
 @pytest.mark.slow
 def test_a_second_run_from_another_checkout_on_the_same_outdir_stops(tmp_path):
     other = tmp_path / "checkout2"
@@ -231,7 +262,8 @@ def test_the_default_target_succeeds_with_zero_or_one_embedded_record(tmp_path, 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["embedded"] == n and summary["skipped"] == 1 and summary["records_in"] == n + 1
     assert (out / "report/projection.png").stat().st_size > 1000
-    assert len(list((out / "embeddings").glob("*.parquet"))) == 1  # shards capped at the records there are
+    assert len(list((out / "embeddings").glob("shard_*.json"))) == 1  # one embed job
+    assert pq.read_table(out / "embeddings.parquet").num_rows == n
 
 
 # ------------------------------------------------------------------ checks before any job
@@ -257,21 +289,18 @@ def test_a_named_model_absent_offline_stops_before_any_job_in_one_line(tmp_path)
 
 
 def test_a_changed_input_is_caught_by_the_merge(tmp_path):
-    from virnucpro_core.stages import embed, merge, plan
+    from conftest import cpu_options, run_stages
+    from virnucpro_core.stages import merge
 
     p = tmp_path / "in.faa"
     p.write_text(example_records(5))
-    opts = Options().replace(shards=1, **{"embedding.device": "cpu", "embedding.lock_dir": str(tmp_path / "locks")})
-    shard.run([str(p)], tmp_path / "shards", opts)
-    s = tmp_path / "shards/shard_0000.parquet"
-    plan.run(s, tmp_path / "plan.parquet", None, opts)
-    embed.run(s, tmp_path / "plan.parquet", str(MODEL), tmp_path / "emb.parquet", opts)
+    _, run = run_stages(tmp_path / "r", [p], cpu_options(tmp_path, shards=1), MODEL)
     stat = p.stat()
     p.write_text(example_records(5).replace("M", "W", 1))  # same size, mtime put back
     os.utime(p, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     with pytest.raises(RuntimeError, match="is not the file that was sharded"):
-        merge.run(tmp_path / "shards/manifest.json", tmp_path / "shards/skipped.tsv", [str(tmp_path / "emb.parquet")], [], tmp_path, opts)
-    assert not (tmp_path / "embeddings.parquet").exists()
+        merge.run(run.manifest, run.shard_skipped, [run.shard_embeddings("shard_0000")], [], tmp_path / "out", cpu_options(tmp_path))
+    assert not (tmp_path / "out/embeddings.parquet").exists()
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])

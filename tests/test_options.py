@@ -66,6 +66,8 @@ def test_cli_defaults_are_the_options_and_each_flag_reaches_its_key(stage):
             value = f.default - 1
         if isinstance(f.default, str) and not f.metadata["choices"]:
             value = "/somewhere/else"
+        if isinstance(f.default, bool):
+            value = str(not f.default).lower()
         opts = options_from_args(parser().parse_args(STAGE_ARGS[stage] + [flag, str(value)]))
         changed = {k: v for k, v in _flat(opts.to_dict()).items() if v != _flat(Options().to_dict())[k]}
         assert list(changed) == [key], (flag, changed)

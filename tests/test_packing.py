@@ -1,15 +1,15 @@
-"""Packing plan: FFD correctness, windows, round trip, tokens equal fair-esm's."""
+"""Packing plan: next-fit-decreasing correctness, windows, round trip, tokens equal fair-esm's."""
 
 import numpy as np
 import pytest
 
 from conftest import random_protein
-from virnucpro_core.packing import MAX_RESIDUES, Pack, build_plan, first_fit_decreasing, load_plan, save_plan, windows
+from virnucpro_core.packing import MAX_RESIDUES, Pack, build_plan, items, load_plan, next_fit_decreasing, save_plan, windows
 from virnucpro_core.tokenizer import Tokenizer
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_ffd_never_exceeds_budget_and_covers_every_record_once(seed):
+def test_packs_never_exceed_the_budget_and_cover_every_record_once(seed):
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, 3000, 800)
     budget = int(rng.choice([1024, 4096, 16384]))
@@ -26,16 +26,32 @@ def test_ffd_never_exceeds_budget_and_covers_every_record_once(seed):
     assert 0 < plan.efficiency() <= 1
 
 
-def test_ffd_is_first_fit_decreasing():
-    # FFD on 7, 5, 4, 3, 1 with capacity 10: [7 3], [5 4 1]
-    bins = first_fit_decreasing(np.array([4, 7, 3, 5, 1]), 10)
-    groups = sorted(sorted(np.array([4, 7, 3, 5, 1])[bins == b].tolist()) for b in set(bins.tolist()))
-    assert groups == [[1, 4, 5], [3, 7]]
+def test_next_fit_decreasing():
+    # 7, 5, 4, 3, 1 with capacity 10: [7], [5 4], [3 1]: each bin filled until the next item does not fit
+    sizes = np.array([4, 7, 3, 5, 1])
+    bins = next_fit_decreasing(sizes, 10)
+    assert [sorted(sizes[bins == b].tolist(), reverse=True) for b in range(bins.max() + 1)] == [[7], [5, 4], [3, 1]]
+
+
+def test_packs_of_real_lengths_are_full():
+    lengths = np.clip(np.random.default_rng(0).lognormal(np.log(270), 0.7, 20_000), 20, 3000).astype(int)
+    plan = build_plan(lengths, 65536, "truncate", 0)
+    assert all(p.tokens > 65536 - 1024 for p in plan.packs[:-1])  # within one item of the budget, but the last
+
+
+@pytest.mark.parametrize("policy, overlap, max_residues", [("split", 0, 1022), ("split", 256, 1022), ("split", 511, 600),
+                                                           ("split", 99, 100), ("truncate", 256, 1022), ("truncate", 0, 50)])
+def test_items_are_the_windows_of_every_record(policy, overlap, max_residues):
+    lengths = np.random.default_rng(1).integers(1, 6000, 2000)
+    include = np.random.default_rng(2).random(2000) < 0.8
+    got = list(zip(*(a.tolist() for a in items(lengths, policy, overlap, max_residues, include))))
+    want = [(r, s, n) for r in np.flatnonzero(include).tolist() for s, n in windows(int(lengths[r]), policy, overlap, max_residues)]
+    assert got == want
 
 
 def test_item_over_budget_is_refused():
     with pytest.raises(ValueError, match="exceeds the token budget"):
-        first_fit_decreasing(np.array([2000]), 1024)
+        next_fit_decreasing(np.array([2000]), 1024)
     with pytest.raises(ValueError, match="below one full sequence"):
         build_plan([10], 512, "truncate", 0)
 

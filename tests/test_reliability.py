@@ -4,6 +4,7 @@ accounting. Tiny random ESM-2 on the CPU."""
 import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,13 +12,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import random_protein
+from conftest import cpu_options, random_protein, run_stages
 from virnucpro_core import files
+from virnucpro_core.layout import Layout
 from virnucpro_core.options import Options
-from virnucpro_core.stages import embed, merge, plan, shard, spot_check
+from virnucpro_core.stages import embed, merge, shard, spot_check
 from virnucpro_core.parquet import column_array, read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +48,9 @@ def fasta(tmp_path: Path, name: str, content: bytes | str) -> Path:
 
 
 def shard_log(out: Path) -> str:
-    return (out / "logs/shard_fasta.log").read_text()
+    """The shard step's logs: every part's, then the index's."""
+    logs = sorted((out / "logs/shard").glob("*.log")) + [out / "logs/shard_index.log"]
+    return "".join(p.read_text() for p in logs if p.is_file())
 
 
 def embeddings(out: Path) -> dict[str, np.ndarray]:
@@ -202,17 +207,15 @@ def test_sigkill_mid_shard_loses_at_most_one_chunk_and_the_rerun_is_bit_identica
 
 
 def chunked_shard(d):
-    """The example as one shard of about 10 chunks, planned: (folder, options, shard, plan, embeddings path)."""
+    """The example as one shard of about 10 chunks: (folder, options, its parts, embeddings path)."""
     opts = cpu_options(d, shards=1, **{"packing.chunk_tokens": 8192})
-    shard.run([str(EXAMPLE)], d / "shards", opts)
-    s, p = d / "shards/shard_0000.parquet", d / "plan.parquet"
-    plan.run(s, p, None, opts)
-    return d, opts, s, p, d / "emb.parquet"
+    man = shard.run([str(EXAMPLE)], d / "shards", opts)
+    return d, opts, [Layout(str(d)).part(p) for p in man["shards"][0]["parts"]], d / "emb.parquet"
 
 
 def test_a_failed_embed_job_resumes_from_its_chunks_and_discards_chunks_of_other_options(tmp_path, monkeypatch):
-    d, opts, s, p, out = chunked_shard(tmp_path / "c")
-    first = embed.run(s, p, str(MODEL), out, opts)
+    d, opts, s, out = chunked_shard(tmp_path / "c")
+    first = embed.run(s, str(MODEL), out, opts)
     assert first["chunks"] >= 5 and first["resumed_chunks"] == 0 and first["records"] == 300
     ref = pq.read_table(out)
     out.unlink()
@@ -225,10 +228,10 @@ def test_a_failed_embed_job_resumes_from_its_chunks_and_discards_chunks_of_other
         return real(self, *args, **kwargs)
     monkeypatch.setattr(embed.Embedder, "embed", fail_on_third_chunk)
     with pytest.raises(RuntimeError, match="killed"):
-        embed.run(s, p, str(MODEL), out, opts)
+        embed.run(s, str(MODEL), out, opts)
     monkeypatch.setattr(embed.Embedder, "embed", real)
     assert not out.exists() and not list(d.glob(".emb.parquet.*.tmp"))
-    again = embed.run(s, p, str(MODEL), out, opts)
+    again = embed.run(s, str(MODEL), out, opts)
     assert again["resumed_chunks"] == 2  # the 2nd chunk, still being written when the 3rd failed, was finished
     assert pq.read_table(out).select(ref.column_names).equals(ref.select(ref.column_names))  # bit for bit
     run_stats = read_metadata(out)["run"]  # the job's statistics, in the footer
@@ -236,14 +239,14 @@ def test_a_failed_embed_job_resumes_from_its_chunks_and_discards_chunks_of_other
 
     # a folder left by a job of other options (here float16 output) is not used
     out.unlink()
-    other = embed.Chunks(out, embed.chunk_key(s, p, str(MODEL), opts.replace(**{"embedding.output_dtype": "float16"})))
+    other = embed.Chunks(out, embed.chunk_key(shard.Shard(s), "", str(MODEL), opts.replace(**{"embedding.output_dtype": "float16"})))
     files.write_table(ref.slice(0, 3), other.path(0))
-    third = embed.run(s, p, str(MODEL), out, opts)
+    third = embed.run(s, str(MODEL), out, opts)
     assert third["resumed_chunks"] == 0 and pq.read_table(out)["embedding"].equals(ref["embedding"])
 
 
 def test_a_failed_write_stops_the_embed_job_and_the_rerun_resumes(tmp_path, monkeypatch):
-    d, opts, s, p, out = chunked_shard(tmp_path / "w")
+    d, opts, s, out = chunked_shard(tmp_path / "w")
     appends, real = [], pq.ParquetWriter.write_table
 
     def disk_full_on_second_append(self, table, *args, **kwargs):
@@ -255,79 +258,71 @@ def test_a_failed_write_stops_the_embed_job_and_the_rerun_resumes(tmp_path, monk
 
     monkeypatch.setattr(pq.ParquetWriter, "write_table", disk_full_on_second_append)
     with pytest.raises(OSError, match="No space left on device"):
-        embed.run(s, p, str(MODEL), out, opts)
+        embed.run(s, str(MODEL), out, opts)
     assert not out.exists() and not list(d.glob(".emb.parquet.*.tmp"))  # nothing partial, nothing left behind
     monkeypatch.setattr(pq.ParquetWriter, "write_table", real)
-    again = embed.run(s, p, str(MODEL), out, opts)
+    again = embed.run(s, str(MODEL), out, opts)
     assert again["resumed_chunks"] == 2  # each chunk's own file is written before it is appended
     assert pq.read_table(out).num_rows == 300 and not (d / "emb.parquet.chunks").exists()
 
 
 # ------------------------------------------------------------------ determinism and accounting (in process)
-def cpu_options(d, **changes):
-    return Options().replace(**{"embedding.device": "cpu", "embedding.lock_dir": str(d / "locks"), **changes})
-
-
-def run_stages(tmp_path, n_shards, budget, name):
-    d = tmp_path / name
-    opts = cpu_options(d, shards=n_shards, **{"packing.token_budget": budget})
-    man = shard.run([str(EXAMPLE)], d / "shards", opts)
-    embs, spots = [], []
-    for i in range(man["shards"]):
-        s = d / f"shards/shard_{i:04d}.parquet"
-        plan.run(s, d / f"plan{i}.parquet", None, opts)
-        embed.run(s, d / f"plan{i}.parquet", str(MODEL), d / f"emb{i}.parquet", opts)
-        embs.append(str(d / f"emb{i}.parquet"))
-    return merge.run(d / "shards/manifest.json", d / "shards/skipped.tsv", embs, spots, d, opts), d
+def stages(tmp_path, n_shards, budget, name, **changes):
+    return run_stages(tmp_path / name, [EXAMPLE], cpu_options(tmp_path / name, shards=n_shards,
+                                                               **{"packing.token_budget": budget, **changes}), MODEL)
 
 
 def test_shard_and_pack_counts_do_not_change_embeddings(tmp_path):
-    _, a = run_stages(tmp_path, 1, 65536, "a")
-    _, b = run_stages(tmp_path, 5, 2048, "b")
-    _, c = run_stages(tmp_path, 1, 65536, "c")
-    ta, tb, tc = (pq.read_table(d / "embeddings.parquet") for d in (a, b, c))
+    _, a = stages(tmp_path, 1, 65536, "a")
+    _, b = stages(tmp_path, 5, 2048, "b")
+    _, c = stages(tmp_path, 1, 65536, "c")
+    ta, tb, tc = (pq.read_table(r.embeddings) for r in (a, b, c))
     assert ta["id"].to_pylist() == tb["id"].to_pylist()
     np.testing.assert_allclose(column_array(ta, "embedding"), column_array(tb, "embedding"), atol=1e-5)
     np.testing.assert_array_equal(column_array(ta, "embedding"), column_array(tc, "embedding"))  # rerun: identical
 
 
 def test_merge_fails_loudly_on_a_missing_or_duplicated_record(tmp_path):
-    _, d = run_stages(tmp_path, 2, 4096, "m")
-    emb = d / "emb1.parquet"
-    t = pq.read_table(emb)
-    pq.write_table(t.slice(0, t.num_rows - 1), emb)
-    with pytest.raises(RuntimeError, match="299 embedded rows, 300 kept by the shard step; .*299 embedded"):
-        merge.run(d / "shards/manifest.json", d / "shards/skipped.tsv", [str(d / "emb0.parquet"), str(emb)], [], d, Options())
-    with pytest.raises(RuntimeError, match="missing, duplicated or out of input order"):
-        merge.run(d / "shards/manifest.json", d / "shards/skipped.tsv", [str(d / "emb0.parquet")] * 2, [], d, Options())
-    assert not (d / "embeddings.parquet").exists() or pq.read_table(d / "embeddings.parquet").num_rows == 300
-    assert not list(d.glob(".embeddings.parquet.*"))  # no temporary output left
+    _, run = stages(tmp_path, 2, 4096, "m")
+    embs = [run.shard_embeddings(f"shard_{i:04d}") for i in range(2)]
+    man = json.loads(Path(run.manifest).read_text())
+    out = tmp_path / "m-out"
+    shutil.rmtree(run.embeddings)
+    with pytest.raises(RuntimeError, match="was not computed from the parts"):
+        merge.run(run.manifest, run.shard_skipped, [embs[0], embs[0]], [], out, Options())
+    shutil.copy(embs[1], tmp_path / "whole.parquet")
+    t = pq.read_table(embs[1])
+    kv = pq.read_metadata(embs[1]).metadata
+    short = t.slice(0, t.num_rows - 1).replace_schema_metadata({k: v for k, v in kv.items() if not k.startswith(b"ARROW")})
+    pq.write_table(short, embs[1])
+    with pytest.raises(RuntimeError, match=f"holds {man['shards'][1]['rows'] - 1} rows, its parts {man['shards'][1]['rows']}"):
+        merge.run(run.manifest, run.shard_skipped, embs, [], out, Options())
+    shutil.copy(tmp_path / "whole.parquet", embs[1])
+    swapped = pq.read_table(embs[0])
+    ids = swapped["id"].to_pylist()
+    ids[3], ids[4] = ids[4], ids[3]
+    swapped = swapped.set_column(0, "id", pa.array(ids)).replace_schema_metadata(
+        {k: v for k, v in pq.read_metadata(embs[0]).metadata.items() if not k.startswith(b"ARROW")})
+    pq.write_table(swapped, embs[0])
+    with pytest.raises(RuntimeError, match="row 3 of .* is .*: records are missing, duplicated or out of input order"):
+        merge.run(run.manifest, run.shard_skipped, embs, [], out, Options())
+    assert not (out / "embeddings.parquet").exists() and not list(out.glob(".embeddings.parquet.*"))  # no temporary output left
 
 
 def test_fewer_records_than_shards(tmp_path):
     p = fasta(tmp_path, "two.faa", ">a\nMKVLA\n>b\nMKKLLAW\n")
-    d = tmp_path / "r"
-    opts = cpu_options(d, shards=4, **{"packing.token_budget": 2048})
-    man = shard.run([str(p)], d / "shards", opts)
-    assert man["shards"] == 2 and man["shard_records"] == [1, 1]  # no empty shard
-    embs, spots = [], []
-    for i in range(man["shards"]):
-        s = d / f"shards/shard_{i:04d}.parquet"
-        plan.run(s, d / f"plan{i}.parquet", None, opts)
-        embed.run(s, d / f"plan{i}.parquet", str(MODEL), d / f"emb{i}.parquet", opts)
-        spot_check.run(s, d / f"emb{i}.parquet", str(MODEL), d / f"spot{i}.tsv", opts)
-        embs.append(str(d / f"emb{i}.parquet"))
-        spots.append(str(d / f"spot{i}.tsv"))
-    summary = merge.run(d / "shards/manifest.json", d / "shards/skipped.tsv", embs, spots, d, opts)
+    summary, run = run_stages(tmp_path / "r", [p], cpu_options(tmp_path / "r", shards=4, **{"packing.token_budget": 2048}), MODEL)
+    man = json.loads(Path(run.manifest).read_text())
+    assert len(man["shards"]) == 4 and sorted(s["rows"] for s in man["shards"]) == [0, 0, 1, 1]  # byte ranges with no record
     assert summary["embedded"] == 2 and summary["spot_checked"] == 2
-    assert pq.read_table(d / "embeddings.parquet")["id"].to_pylist() == ["a", "b"]
+    assert pq.read_table(run.embeddings)["id"].to_pylist() == ["a", "b"]
 
 
 def test_spot_check_uses_the_configured_attention_backend(tmp_path):
-    _, d = run_stages(tmp_path, 1, 65536, "att")
-    opts = cpu_options(d, **{"embedding.attention": "torch_varlen"})
+    _, run = stages(tmp_path, 1, 65536, "att")
+    opts = cpu_options(tmp_path, **{"embedding.attention": "torch_varlen"})
     with pytest.raises(ValueError, match="'torch_varlen' is not available for cpu"):
-        spot_check.run(d / "shards/shard_0000.parquet", d / "emb0.parquet", str(MODEL), d / "spot.tsv", opts)
+        spot_check.run([run.part("part_00000")], run.shard_embeddings("shard_0000"), str(MODEL), tmp_path / "spot.tsv", opts)
 
 
 def test_dataset_output_reads_as_one_table_in_input_order(tmp_path):
@@ -335,15 +330,19 @@ def test_dataset_output_reads_as_one_table_in_input_order(tmp_path):
     import pandas as pd
     import polars as pl
 
-    _, d = run_stages(tmp_path, 3, 65536, "file")
+    _, run = stages(tmp_path, 3, 65536, "file", **{"merge.output": "file"})
+    d = Path(run.outdir)
     one = pq.read_table(d / "embeddings.parquet")
-    opts = cpu_options(d, **{"merge.output": "dataset"})
-    summary = merge.run(d / "shards/manifest.json", d / "shards/skipped.tsv", [str(d / f"emb{i}.parquet") for i in range(3)], [],
+    assert json.loads(Path(run.summary).read_text())["shards"] == {"written": 3}  # three shards: one file is a copy
+    opts = cpu_options(d, **{"merge.output": "auto"})
+    summary = merge.run(run.manifest, run.shard_skipped, [run.shard_embeddings(f"shard_{i:04d}") for i in range(3)], [],
                         tmp_path / "ds", opts)
     folder = tmp_path / "ds/embeddings.parquet"
     assert folder.stat().st_mode & 0o777 == 0o777 & ~files.umask()  # as mkdir makes it, not mkdtemp's 0700
     assert folder.is_dir() and sorted(p.name for p in folder.iterdir()) == [f"part-{i:05d}.parquet" for i in range(3)]
-    assert summary["embedded"] == 300 and summary["output"] == "dataset"
+    assert summary["embedded"] == 300 and summary["output"] == "dataset" and summary["shards"] == {"linked": 3}
+    for i in range(3):  # the shards' own files, not copies
+        assert (folder / f"part-{i:05d}.parquet").stat().st_ino == Path(run.shard_embeddings(f"shard_{i:04d}")).stat().st_ino
     ids = one["id"].to_pylist()
     emb = column_array(one, "embedding")
     back = pq.read_table(folder)

@@ -4,42 +4,36 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from virnucpro_core.files import write_json, write_table, write_tsv
-from virnucpro_core.parquet import column_array, embeddings_table
-from virnucpro_core.stages.shard import SKIPPED_COLUMNS
+from virnucpro_core.options import Options
+from virnucpro_core.parquet import column_array
+from virnucpro_core.stages import shard
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from scale import synthetic_embeddings  # noqa: E402
 
 
-def test_the_merge_of_200_shards_streams(tmp_path):
-    """200 shards of 200 rows of 256-d embeddings (40 MB): the merge's Arrow memory peaks at a few
-    batches, not the run (the earlier merge concatenated every shard: over 40 MB)."""
-    rng = np.random.default_rng(0)
-    files, order = [], 0
-    inp = tmp_path / "in.faa"
-    inp.write_text("x")
-    from virnucpro_core.files import sha256
-
-    for i in range(200):
-        ids = [f"p{order + j}" for j in range(200)]
-        t = embeddings_table(ids, np.full(200, 50), {"embedding": rng.standard_normal((200, 256), dtype=np.float32)}, {"model": "m"})
-        for name, values in (("order", np.arange(order, order + 200)), ("file", [str(inp)] * 200), ("record", np.arange(order, order + 200) + 1)):
-            t = t.append_column(name, pa.array(values, pa.int32() if name == "record" else None))
-        write_table(t, tmp_path / f"e{i}.parquet")
-        files.append(str(tmp_path / f"e{i}.parquet"))
-        order += 200
-    write_json(tmp_path / "manifest.json", {"inputs": [{"file": str(inp), "sha256": sha256(inp, cache=False), "records": order}],
-                                            "records": order, "shards": 200})
-    write_tsv(tmp_path / "skipped.tsv", SKIPPED_COLUMNS, [])
+def test_the_merge_of_200_shards_into_one_file_streams(tmp_path):
+    """200 shards of 200 rows of 256-d embeddings (40 MB) copied into one file: the merge's Arrow memory
+    peaks at a few row groups, not the run."""
+    fasta = tmp_path / "in.faa"
+    fasta.write_text("".join(f">p{i}\nMKVLAAGIWRSTLLKPQE\n" for i in range(40_000)))
+    man = shard.run([str(fasta)], tmp_path / "shards", Options(shards=200))
+    assert len(man["shards"]) == 200
+    files = []
+    for s in man["shards"]:
+        files.append(str(tmp_path / f"{s['name']}.parquet"))
+        synthetic_embeddings([str(tmp_path / "shards" / f"{p}.parquet") for p in s["parts"]], files[-1], 256, rows_per_group=100)
     code = textwrap.dedent(f"""
         import json, pyarrow as pa
         from virnucpro_core.options import Options
         from virnucpro_core.stages import merge
-        merge.BATCH_BYTES = 1 << 20
-        merge.run({str(tmp_path / 'manifest.json')!r}, {str(tmp_path / 'skipped.tsv')!r}, {files!r}, [], {str(tmp_path / 'out')!r}, Options())
+        merge.run({str(tmp_path / 'shards/manifest.json')!r}, {str(tmp_path / 'shards/skipped.tsv')!r}, {files!r}, [],
+                  {str(tmp_path / 'out')!r}, Options().replace(**{{"merge.output": "file"}}))
         print(json.dumps({{"arrow_peak": pa.default_memory_pool().max_memory()}}))
     """)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -28,7 +28,7 @@ TEST_ARGS = [
     "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1",
     "--seconds-between-status-checks", "2", "--slurm-no-account", "--slurm-keep-successful-logs",
     "--default-resources", "slurm_partition=gpu", "mem_mb=1000", "runtime=30", "cpus_per_task=1",
-    "--set-resources", *(f"{rule}:{k}={v}" for rule in ("shard_fasta", "packing_plan", "embed_shard", "merge")
+    "--set-resources", *(f"{rule}:{k}={v}" for rule in ("shard", "shard_index", "embed_shard", "merge")
                          for k, v in (("mem_mb", 1000), ("cpus_per_task", 1))),
 ]
 
@@ -72,8 +72,10 @@ def test_workflow_through_the_slurm_profile(cluster, tmp_path):
     assert res.returncode == 0, text[-5000:]
     # every job went through sbatch: one SLURM job id per rule job
     submitted = re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+)", text)
-    # shard, 2 plans, 2 embeds (each with its spot-check), merge, report figures
-    assert len(submitted) == 1 + 2 + 2 + 1 + 1 and len(set(submitted)) == len(submitted)
+    # 2 shard parts (separate jobs), the index, 2 embeds (each with its spot-check), merge, report figures
+    assert len(submitted) == 2 + 1 + 2 + 1 + 1 and len(set(submitted)) == len(submitted)
+    shard_jobs = [log for log in (out / "logs/shard").glob("part_*.log")]
+    assert len(shard_jobs) == 2
     # the two embedding jobs ran at the same time on the two GPUs Slurm gave them
     jobs = []
     for log in sorted((out / "logs/embed_shard").glob("*.log")):

@@ -105,18 +105,27 @@ def test_logs_and_benchmarks_written(run):
     assert len(list((out / "benchmarks/embed_shard").glob("*.tsv"))) == 4
 
 
+def requested_memory(log: str) -> dict[str, int]:
+    """Each job's mem_mb as Snakemake printed it: {"rule" or "rule/wildcard": MB}."""
+    asked, job = {}, None
+    for line in log.splitlines():
+        if m := re.match(r"(?:local)?rule (\w+):$", line):
+            job = [m.group(1), ""]
+        elif job and (m := re.match(r" {4}wildcards: \w+=(\S+)", line)):
+            job[1] = "/" + m.group(1)
+        elif job and (m := re.match(r" {4}resources: .*\bmem_mb=(\d+)", line)):
+            asked[job[0] + job[1]] = int(m.group(1))
+        elif not line.startswith("    "):
+            job = None
+    return asked
+
+
 @pytest.mark.slow
 def test_every_job_stays_within_the_memory_it_asks_for(run):
-    from virnucpro_core import resources
-    from virnucpro_core.options import Options
-
-    out, _, _ = run
-    mb = lambda p: Path(p).stat().st_size / 1e6  # noqa: E731 - Snakemake's input.size_mb
-    asked = {"shard_fasta": resources.shard_mb(mb(EXAMPLE)), "merge": resources.MERGE_MB}
-    for shard in sorted((out / "shards").glob("shard_*.parquet")):
-        asked[f"packing_plan/{shard.stem}"] = resources.plan_mb(mb(shard))
-        asked[f"embed_shard/{shard.stem}"] = resources.embed_mb(Options(), mb(MODEL), 64, mb(shard))
-    assert len(asked) == 10
+    out, _, res = run
+    asked = requested_memory(res.stdout + res.stderr)
+    assert sorted(asked) == sorted(["shard_index", "merge", "report_figures", *(f"shard/part_{i:05d}" for i in range(4)),
+                                    *(f"embed_shard/shard_{i:04d}" for i in range(4))])
     sampled = []
     for job, limit in asked.items():
         bench = (out / "benchmarks" / f"{job}.tsv").read_text().splitlines()
@@ -124,7 +133,17 @@ def test_every_job_stays_within_the_memory_it_asks_for(run):
         assert max_rss <= limit, f"{job}: peak {max_rss:.0f} MB over the {limit} MB it asks for"
         if max_rss > 0:  # Snakemake samples memory at intervals: a job of a second can end unsampled (0)
             sampled.append(job)
-    assert len(sampled) >= 5 and any(j.startswith("embed_shard") for j in sampled), sampled
+    assert len(sampled) >= 6 and any(j.startswith("embed_shard") for j in sampled), sampled
+
+
+@pytest.mark.slow
+def test_a_finished_run_keeps_one_copy_of_the_embeddings(run):
+    out, _, _ = run
+    assert (out / "embeddings.parquet").is_dir() and len(list((out / "embeddings.parquet").glob("part-*.parquet"))) == 4
+    assert not list((out / "embeddings").glob("*.parquet")) and not list((out / "embeddings").glob("*.npy"))
+    assert all(p.stat().st_nlink == 1 for p in (out / "embeddings.parquet").iterdir())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["output"] == "dataset" and summary["shards"] == {"linked": 4}
 
 
 def test_lint_is_clean():
@@ -142,7 +161,7 @@ def test_snakefmt_finds_nothing():
 def test_dry_run_with_each_profile(profile, tmp_path):
     res = snakemake("-n", "--profile", f"profiles/{profile}", "--config", f"outdir={tmp_path}")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "shard_fasta" in res.stdout + res.stderr
+    assert "shard_index" in res.stdout + res.stderr
 
 
 def test_bad_config_value_is_named(tmp_path):
@@ -204,7 +223,7 @@ def test_the_terminal_shows_a_summary_with_warnings_or_the_failing_jobs_own_erro
     res = snakemake("--cores", "2", "--config", f"input={bad}", f"model={MODEL}", f"outdir={tmp_path / 'bad'}", locks)
     text = res.stdout + res.stderr
     assert res.returncode != 0
-    assert f"virnucpro: the run failed\n  {tmp_path / 'bad'}/logs/shard_fasta.log: {bad}: record 2 (b): illegal character '1'" in text
+    assert f"virnucpro: the run failed\n  {tmp_path / 'bad'}/logs/shard/part_00000.log: {bad}: record 2 (b): illegal character '1'" in text
 
 
 @pytest.mark.slow
@@ -217,6 +236,7 @@ def test_extract_gives_the_workflows_embeddings_in_one_command(run, tmp_path):
     assert a.column_names == b.column_names and a["id"].to_pylist() == b["id"].to_pylist()
     np.testing.assert_array_equal(column_array(a, "embedding"), column_array(b, "embedding"))
     assert json.loads((tmp_path / "x/summary.json").read_text())["spot_check_failed"] == 0
+    assert not list((tmp_path / "x/embeddings").glob("*.parquet"))  # one copy of the embeddings: the merged one
 
 
 def test_extract_maps_esm_extracts_flags(tmp_path):

@@ -7,10 +7,16 @@ other, finds the lock taken and stops before any job, naming the run that holds 
 drops the lock when a run dies (a kill, a lost session), so a stale claim is recognised and taken
 over. Each job gets the run's id in ``VIRNUCPRO_RUN`` and stops if the outdir is claimed by
 another run.
+
+Where the filesystem has no ``flock`` (Lustre mounted ``noflock``, some NFS set-ups: ENOSYS,
+EOPNOTSUPP, ENOLCK), the claim file alone guards the outdir, with a warning: a claim by a live
+process of this host stops the run, any other claim is taken over, and the jobs' check still
+stops the older run's jobs.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -25,6 +31,7 @@ ENV = "VIRNUCPRO_RUN"
 LOCK = ".virnucpro-run.lock"
 CLAIM = ".virnucpro-run.json"
 _held: dict[str, object] = {}  # outdir -> the open lock file: kept open for the life of the process
+NO_FLOCK = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOLCK, errno.EINVAL)  # the filesystem has no flock
 
 
 def _describe(info: dict) -> str:
@@ -52,12 +59,35 @@ def claim(outdir: str | Path) -> str:
         fh.close()
         raise RuntimeError(f"outdir {d} is in use by another run ({_describe(read(d))}); wait for it to end, "
                            "or give this run another outdir") from None
+    except OSError as exc:
+        if exc.errno not in NO_FLOCK:
+            raise
+        fh.close()
+        fh = None
+        other = read(d)
+        if other.get("host") == socket.gethostname() and _alive(other.get("pid")) and other.get("pid") != os.getpid():
+            raise RuntimeError(f"outdir {d} is in use by another run ({_describe(other)}); wait for it to end, "
+                               "or give this run another outdir") from None
+        print(f"virnucpro: warning: the filesystem of {d} does not lock files ({os.strerror(exc.errno)}): only the claim file "
+              f"{d / CLAIM} guards the outdir" + (f"; taking it over from {_describe(other)}" if other else ""), flush=True)
     run_id = uuid.uuid4().hex[:12]  # a dead run's claim is simply replaced
     info = {"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname(), "cwd": os.getcwd(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "started_epoch": time.time()}
     write_json(d / CLAIM, info)
     _held[str(d)] = fh
     return run_id
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
 
 
 def check(outdir: str | Path, run_id: str) -> None:

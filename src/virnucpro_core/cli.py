@@ -19,7 +19,6 @@ from typing import Any, Callable
 import yaml
 
 from . import __version__, claim
-from .layout import Layout
 from .options import PATH_KEYS, Options, leaves
 from .schema import markdown_table, schema_yaml
 
@@ -27,13 +26,13 @@ log = logging.getLogger("virnucpro_core")
 
 # the option keys (and sections) each stage reads
 STAGE_OPTIONS = {
-    "shard": ("on_invalid", "input_type", "shards", "residues_per_shard", "nucleotide"),
+    "shard": ("on_invalid", "input_type", "shards", "input_parts", "residues_per_shard", "nucleotide", "long_sequences"),
     "plan": ("packing", "long_sequences", "embedding"),
     "embed": ("model_dir", "embedding", "long_sequences", "spot_check"),
     "spot-check": ("model_dir", "embedding", "long_sequences", "spot_check"),
     "merge": ("merge",),
-    "extract": ("model_dir", "on_invalid", "input_type", "shards", "residues_per_shard", "nucleotide", "long_sequences", "packing",
-                "embedding", "spot_check", "merge"),
+    "extract": ("model_dir", "on_invalid", "input_type", "shards", "input_parts", "residues_per_shard", "nucleotide",
+                "long_sequences", "packing", "embedding", "spot_check", "merge"),
 }
 
 
@@ -51,34 +50,37 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=__version__)
     sub = p.add_subparsers(dest="stage", required=True)
 
-    s = sub.add_parser("shard", help="validate FASTA inputs and cut them into residue-balanced shards")
+    s = sub.add_parser("shard", help="validate FASTA inputs and write the records to embed, in parts (byte ranges) read at once")
     s.add_argument("inputs", nargs="+")
-    s.add_argument("--out", required=True, help="folder for the shards, skipped.tsv and manifest.json")
+    s.add_argument("--out", required=True, help="folder for the parts (part_NNNNN.*), skipped.tsv and manifest.json")
+    s.add_argument("--jobs", type=int, default=1, help="parts read at once, one process each (default 1)")
     _add_options(s, "shard")
 
-    s = sub.add_parser("plan", help="first-fit-decreasing packing plan for one shard")
-    s.add_argument("shard")
+    s = sub.add_parser("plan", help="next-fit-decreasing packing plan of one shard (the embed stage plans its own)")
+    s.add_argument("parts", nargs="+", metavar="PART", help="the shard's parts (part_NNNNN.parquet), in order")
     s.add_argument("--out", required=True)
     s.add_argument("--stats")
     _add_options(s, "plan")
 
     s = sub.add_parser("embed", help="packed ESM-2 embeddings of one shard")
-    s.add_argument("shard")
-    s.add_argument("--plan", required=True)
+    s.add_argument("parts", nargs="+", metavar="PART", help="the shard's parts (part_NNNNN.parquet), in order")
+    s.add_argument("--plan", help="follow this plan (default: plan here, leaving out duplicates of earlier rows)")
+    s.add_argument("--earlier", nargs="*", default=[], metavar="PART", help="the parts before this shard, for de-duplication")
     s.add_argument("--model", required=True, help=PATH_KEYS["model"]["doc"])
     s.add_argument("--out", required=True)
+    s.add_argument("--dups", help="write the duplicate rows (for the merge) to this .npy")
     s.add_argument("--spot-check", help="also spot-check the shard in this job, writing this TSV (and its .json)")
     _add_options(s, "embed")
 
     s = sub.add_parser("spot-check", help="compare a sample of a shard with the unpacked model")
-    s.add_argument("shard")
+    s.add_argument("parts", nargs="+", metavar="PART", help="the shard's parts (part_NNNNN.parquet), in order")
     s.add_argument("--embeddings", required=True)
     s.add_argument("--model", required=True, help=PATH_KEYS["model"]["doc"])
     s.add_argument("--out", required=True)
     _add_options(s, "spot-check")
 
-    s = sub.add_parser("merge", help="merge shard embeddings into one Parquet, with accounting")
-    s.add_argument("--shard-dir", required=True, help="the shard stage's folder (manifest.json, skipped.tsv)")
+    s = sub.add_parser("merge", help="merge shard embeddings into one Parquet (or a dataset folder), with accounting")
+    s.add_argument("--shard-dir", required=True, help="the shard stage's folder (manifest.json, skipped.tsv, the parts)")
     s.add_argument("--embeddings", nargs="+", required=True)
     s.add_argument("--spot-checks", nargs="*", default=[])
     s.add_argument("--out", required=True)
@@ -158,20 +160,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "shard":
         from .stages import shard
 
-        return _run("shard", lambda: shard.run(args.inputs, args.out, options_from_args(args)))
+        return _run("shard", lambda: shard.run(args.inputs, args.out, options_from_args(args), jobs=args.jobs))
     if args.stage == "plan":
         from .stages import plan
 
-        return _run("plan", lambda: plan.run(args.shard, args.out, args.stats, options_from_args(args)))
+        return _run("plan", lambda: plan.run(args.parts, args.out, args.stats, options_from_args(args)))
     if args.stage == "embed":
         from .stages import embed
 
-        return _run("embed", lambda: embed.run(args.shard, args.plan, args.model, args.out, options_from_args(args),
-                                                          spot_check=args.spot_check))
+        return _run("embed", lambda: embed.run(args.parts, args.model, args.out, options_from_args(args), earlier=args.earlier,
+                                                plan=args.plan, dups_out=args.dups, spot_check=args.spot_check))
     if args.stage == "spot-check":
         from .stages import spot_check
 
-        return _run("spot-check", lambda: spot_check.run(args.shard, args.embeddings, args.model, args.out, options_from_args(args)))
+        return _run("spot-check", lambda: spot_check.run(args.parts, args.embeddings, args.model, args.out, options_from_args(args)))
     if args.stage == "merge":
         from .stages import merge
 
@@ -218,27 +220,29 @@ def job(smk: Any) -> None:
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
     _logging()
     config = dict(smk.config)
-    # a rule's params are options the workflow set for this job (e.g. residues_per_shard for the GPUs given)
-    options = Options.from_dict(config, ignore=tuple(PATH_KEYS)).replace(**dict(smk.params.items()))
-    i, o = smk.input, smk.output
-    if smk.rule == "shard_fasta":
+    options = Options.from_dict(config, ignore=tuple(PATH_KEYS))
+    i, o, params = smk.input, smk.output, smk.params
+    if smk.rule == "shard":
+        from .parts import Part
         from .stages import shard as stage
 
-        name, work = "shard", lambda: stage.run(list(i), o.shards, options)
-    elif smk.rule == "packing_plan":
-        from .stages import plan as stage
+        name, work = "shard", lambda: stage.run_part(Part(**params.part), Path(o.rows).parent, options)
+    elif smk.rule == "shard_index":
+        from .parts import Part
+        from .stages import shard as stage
 
-        name, work = "plan", lambda: stage.run(i.shard, o.plan, o.stats, options)
+        name, work = "shard-index", lambda: stage.index([Part(**p) for p in params.parts], Path(o.manifest).parent, options,
+                                                        inputs=list(params.inputs))
     elif smk.rule == "embed_shard":
         from .stages import embed as stage
 
-        name, work = "embed", lambda: stage.run(i.shard, i.plan, i.model, o.embeddings, options, spot_check=o.spot_check)
+        name, work = "embed", lambda: stage.run(list(i.parts), i.model, o.embeddings, options, earlier=list(i.earlier),
+                                                plan_out=o.plan, dups_out=o.dups, stats_out=o.stats, spot_check=o.spot_check)
     elif smk.rule == "merge":
         from .stages import merge as stage
 
-        run = Layout(options.outdir)
-        name, work = "merge", lambda: stage.run(run.manifest, run.shard_skipped, list(i.embeddings), list(i.spot_checks),
-                                                options.outdir, options)
+        name, work = "merge", lambda: stage.run(i.manifest, i.skipped, list(i.embeddings), list(i.spot_checks), options.outdir,
+                                                options)
     elif smk.rule == "report_figures":
         from .report import write_report_files
 

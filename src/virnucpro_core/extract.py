@@ -6,12 +6,13 @@ the model is loaded once for every shard."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from .layout import Layout
 from .model import load_model
 from .options import Options
-from .stages import embed, merge, plan, shard
+from .stages import embed, merge, shard
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +46,21 @@ def esm_extract_options(options: Options, repr_layers: list[int] | None, include
 def extract(model: str, fastas: list[str], outdir: str | Path, options: Options) -> dict:
     out = Layout(str(outdir))
     options = options.replace(outdir=str(outdir))
-    man = shard.run(fastas, out.shards, options)
+    man = shard.run(fastas, out.shards, options, jobs=min(8, os.cpu_count() or 1))
     loaded = load_model(model, options.model_dir)
-    embeddings, checks = [], []
-    for name in out.shard_names("shards"):
-        plan.run(out.shard(name), out.plan(name), out.plan_stats(name), options)
-        embed.run(out.shard(name), out.plan(name), loaded, out.shard_embeddings(name), options, spot_check=out.spot_check(name))
+    embeddings, checks, done = [], [], []
+    for s in man["shards"]:
+        name, parts = s["name"], [out.part(p) for p in s["parts"]]
+        embed.run(parts, loaded, out.shard_embeddings(name), options, earlier=done if options.embedding.deduplicate else [],
+                  plan_out=out.plan(name), dups_out=out.shard_dups(name), stats_out=out.shard_stats(name),
+                  spot_check=out.spot_check(name))
         embeddings.append(out.shard_embeddings(name))
         checks.append(out.spot_check(name))
+        done = done + parts
     summary = merge.run(out.manifest, out.shard_skipped, embeddings, checks, outdir, options)
-    log.info("%d of %d records embedded into %s (%d shards)", summary["embedded_input_records"], summary["records_in"],
-             out.embeddings, man["shards"])
+    for name in (s["name"] for s in man["shards"]):  # one copy of the embeddings: the merged one
+        for p in (out.shard_embeddings(name), out.shard_dups(name)):
+            Path(p).unlink(missing_ok=True)
+    log.info("%d of %d records embedded into %s (%d shards, %d rows filled from a duplicate)", summary["embedded_input_records"],
+             summary["records_in"], out.embeddings, len(man["shards"]), summary["filled_from_duplicates"])
     return summary

@@ -1,7 +1,8 @@
 """Where a run's files live under ``outdir``: read by the workflow's rules and by the report.
 
-Shard names are ``shard_0000``, ``shard_0001``...; ``name`` below may also be a Snakemake
-wildcard pattern such as ``{shard}``.
+Part names are ``part_00000``, ``part_00001``... (one shard-step job each), shard names ``shard_0000``,
+``shard_0001``... (one embedding job each); ``name`` below may also be a Snakemake wildcard pattern such
+as ``{shard}``.
 """
 
 from __future__ import annotations
@@ -9,12 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-
-def shard_name(index: int) -> str:
-    return f"shard_{index:04d}"
-
+from .parts import PART_FILES, part_name, shard_name  # noqa: F401 (the names, for the layout's users)
 
 SHARD_PATTERN = r"shard_\d{4}"
+PART_PATTERN = r"part_\d{5}"
 
 
 @dataclass(frozen=True)
@@ -29,8 +28,9 @@ class Layout:
     def shards(self) -> str:
         return self._p("shards")
 
-    def shard(self, name: str) -> str:
-        return self._p("shards", f"{name}.parquet")
+    def part(self, name: str, what: str = "rows") -> str:
+        """A part's rows (``.parquet``), ``manifest`` (``.json``), ``ids`` (``.ids.parquet``) or ``skipped`` (``.skipped.tsv``)."""
+        return self._p("shards", f"{name}{PART_FILES[what]}")
 
     @property
     def manifest(self) -> str:
@@ -40,16 +40,21 @@ class Layout:
     def shard_skipped(self) -> str:
         return self._p("shards", "skipped.tsv")
 
-    # packing_plan
+    # embed_shard (its plan, its duplicates, its statistics), spot_check
     def plan(self, name: str) -> str:
         return self._p("plans", f"{name}.parquet")
 
     def plan_stats(self, name: str) -> str:
         return self._p("plans", f"{name}.json")
 
-    # embed_shard, spot_check
     def shard_embeddings(self, name: str) -> str:
         return self._p("embeddings", f"{name}.parquet")
+
+    def shard_dups(self, name: str) -> str:
+        return self._p("embeddings", f"{name}.dups.npy")
+
+    def shard_stats(self, name: str) -> str:
+        return self._p("embeddings", f"{name}.json")
 
     def spot_check(self, name: str) -> str:
         return self._p("spot_check", f"{name}.tsv")
@@ -89,6 +94,6 @@ class Layout:
     def benchmark(self, rule: str, name: str | None = None) -> str:
         return self._p("benchmarks", rule, f"{name}.tsv") if name else self._p("benchmarks", f"{rule}.tsv")
 
-    def shard_names(self, kind: str = "plans") -> list[str]:
-        """Names of the shards that have a file in ``plans`` or ``embeddings`` (sorted)."""
-        return sorted(p.stem for p in Path(self.outdir, kind).glob("shard_*.parquet"))
+    def shard_names(self) -> list[str]:
+        """Names of the shards whose embed job finished (its statistics are written last; sorted)."""
+        return sorted(p.stem for p in Path(self.outdir, "embeddings").glob("shard_*.json"))

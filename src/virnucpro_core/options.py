@@ -89,6 +89,8 @@ class EmbeddingOptions(_Checked):
     mem_mb: int | None = opt(None, "memory (MB) of each GPU job, for cluster submission; null derives it from the model, "
                              "the shard and the outputs", minimum=1, job_resource=True)
     runtime: int = opt(720, "minutes per GPU job, for cluster submission", minimum=1, job_resource=True)
+    deduplicate: bool = opt(True, "identical sequences (after normalisation; for truncate, their first max_residues) go "
+                            "through the model once, and every record still gets its own row, filled from the first")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,9 +103,13 @@ class SpotCheckOptions(_Checked):
 
 @dataclass(frozen=True, kw_only=True)
 class MergeOptions(_Checked):
-    output: str = opt("file", "embeddings.parquet as one file, or as a dataset folder of part files in input order "
-                      "(for outputs of hundreds of GB); pandas, pyarrow, polars and duckdb read either as one table",
-                      choices=("file", "dataset"))
+    output: str = opt("auto", "embeddings.parquet as one file, or as a dataset folder of part files in input order (one "
+                      "per shard, moved into place without a copy); auto: a file when the run is one shard, else a dataset. "
+                      "pandas, pyarrow, polars and duckdb read either as one table", choices=("auto", "file", "dataset"))
+
+    def layout(self, shards: int) -> str:
+        """``file`` or ``dataset``; auto: a file when the run is one shard (neither then copies a byte), else a dataset."""
+        return self.output if self.output != "auto" else ("file" if shards == 1 else "dataset")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,9 +122,12 @@ class Options(_Checked):
     input_type: str = opt("protein", "protein FASTA, or nucleotide reads/contigs translated in windows and frames (VirNucPro)",
                           choices=("protein", "nucleotide"))
     nucleotide: NucleotideOptions = section(NucleotideOptions, "nucleotide input: windows, frames, genetic code, stops")
-    shards: int | None = opt(None, "number of shards, one embedding job each; null cuts them by residues_per_shard", minimum=1)
-    residues_per_shard: int = opt(100_000_000, "residues per shard when shards is null (about 6 minutes of an H200 at "
-                                  "650M); with --resources gpu=N at most 1/N of the input, so every GPU gets a shard", minimum=1)
+    shards: int | None = opt(None, "number of shards (balanced by bytes), one embedding job each; null cuts them by "
+                             "residues_per_shard", minimum=1)
+    input_parts: int | None = opt(None, "jobs the shard step is cut into (byte ranges of the input files, read at once); "
+                                  "null: parts of about 8 MB, at most 64 (more if there are more shards)", minimum=1)
+    residues_per_shard: int = opt(100_000_000, "residues per shard when shards is null, estimated from the input's bytes "
+                                  "(about 6 minutes of an H200 at 650M); with --resources gpu=N at least N shards", minimum=1)
     long_sequences: LongSequenceOptions = section(LongSequenceOptions, "sequences over ESM-2's 1022 residues")
     packing: PackingOptions = section(PackingOptions, "packs of sequences for the packed forward")
     embedding: EmbeddingOptions = section(EmbeddingOptions, "what is computed and written, and where")
@@ -236,13 +245,16 @@ def _value(hint: Any, meta: Any, value: Any, key: str) -> Any:
 
 
 def _scalar(kind: type, meta: Any, value: Any, key: str) -> Any:
-    ok = (isinstance(value, kind) and not isinstance(value, bool)) or (kind is float and isinstance(value, int) and not isinstance(value, bool))
+    if kind is bool:
+        ok = isinstance(value, bool)
+    else:
+        ok = (isinstance(value, kind) and not isinstance(value, bool)) or (kind is float and isinstance(value, int) and not isinstance(value, bool))
     if not ok:
         raise ValueError(f"config '{key}': {value!r} is not {'an' if kind is int else 'a'} {kind.__name__}")
     value = kind(value)
     if meta.get("choices") and value not in meta["choices"]:
         raise ValueError(f"config '{key}': {value!r} is not one of {list(meta['choices'])}")
-    if kind is not str and meta.get("minimum") is not None and value < meta["minimum"]:
+    if kind not in (str, bool) and meta.get("minimum") is not None and value < meta["minimum"]:
         raise ValueError(f"config '{key}': {value!r} is below the minimum {meta['minimum']}")
     if meta.get("maximum") is not None and value > meta["maximum"]:
         raise ValueError(f"config '{key}': {value!r} is above the maximum {meta['maximum']}")

@@ -1,4 +1,4 @@
-"""Packing plan: windows for long sequences, first-fit-decreasing packs, the plan as Parquet.
+"""Packing plan: windows for long sequences, next-fit-decreasing packs, the plan as Parquet.
 
 A plan is data: one row per item ``(pack, record, start, length)``, where ``record`` is
 the row of the record in its shard and ``[start, start + length)`` the residues the item
@@ -100,30 +100,47 @@ def windows(length: int, policy: str, overlap: int, max_residues: int = MAX_RESI
     return [(int(s), max_residues) for s in starts]
 
 
-def first_fit_decreasing(sizes: np.ndarray, budget: int) -> np.ndarray:
-    """Bin index for every item: items in decreasing size, each to the first bin it fits.
+def items(lengths: np.ndarray, policy: str, overlap: int, max_residues: int = MAX_RESIDUES,
+          include: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(record, start, length) of every item, in record order: :func:`windows` of each record, all at once.
+    ``include``: the records to plan (the others, duplicates of earlier records, get no item)."""
+    n = np.asarray(lengths, dtype=np.int64)
+    rec = np.arange(len(n)) if include is None else np.flatnonzero(include)
+    n = n[rec]
+    if policy not in ("truncate", "split"):
+        windows(max_residues + 1, policy, overlap, max_residues)  # raises naming the policy
+    if policy == "truncate" or not (n > max_residues).any():
+        return rec, np.zeros(len(rec), np.int64), np.minimum(n, max_residues)
+    windows(max_residues + 1, policy, overlap, max_residues)  # checks the overlap
+    over = np.maximum(n - max_residues, 0)
+    k = np.where(over > 0, -(-over // (max_residues - overlap)) + 1, 1)  # windows per record
+    item_rec = np.repeat(np.arange(len(n)), k)
+    j = np.arange(len(item_rec)) - np.repeat(np.cumsum(k) - k, k)  # window number within its record
+    kk, oo = k[item_rec], over[item_rec]
+    with np.errstate(invalid="ignore", divide="ignore"):  # as np.linspace(0, over, k).round(), the last exactly at over
+        starts = np.where(kk > 1, (j * (oo / np.maximum(kk - 1, 1))).round(), 0).astype(np.int64)
+    starts = np.where(j == kk - 1, oo, starts)
+    return rec[item_rec], starts, np.minimum(n[item_rec], max_residues)
 
-    A max-segment-tree over bin capacities finds the first fitting bin in O(log n).
-    """
+
+def next_fit_decreasing(sizes: np.ndarray, budget: int) -> np.ndarray:
+    """Bin index for every item: items by decreasing size, each bin filled until the next item does not fit.
+    Items are at most a sixty-fourth of the default budget, so bins end within one item of it."""
     sizes = np.asarray(sizes, dtype=np.int64)
     if len(sizes) == 0:
         return np.zeros(0, dtype=np.int64)
     if sizes.max() > budget:
         raise ValueError(f"an item of {sizes.max()} tokens exceeds the token budget {budget}")
     order = np.argsort(-sizes, kind="stable")
-    leaves = 1 << (len(sizes) - 1).bit_length()
-    tree = [budget] * (2 * leaves)
-    bins = np.empty(len(sizes), dtype=np.int64)
-    for idx, s in zip(order.tolist(), sizes[order].tolist()):
-        i = 1
-        while i < leaves:
-            i = 2 * i if tree[2 * i] >= s else 2 * i + 1
-        bins[idx] = i - leaves
-        tree[i] -= s
-        i //= 2
-        while i:
-            tree[i] = max(tree[2 * i], tree[2 * i + 1])
-            i //= 2
+    cum = np.cumsum(sizes[order])
+    bins_sorted = np.empty(len(sizes), dtype=np.int64)
+    start, b, base = 0, 0, 0
+    while start < len(sizes):
+        end = int(np.searchsorted(cum, base + budget, side="right"))
+        bins_sorted[start:end] = b
+        base, start, b = int(cum[end - 1]), end, b + 1
+    bins = np.empty_like(bins_sorted)
+    bins[order] = bins_sorted
     return bins
 
 
@@ -145,17 +162,13 @@ def build_plan(
     overlap: int,
     max_residues: int = MAX_RESIDUES,
     chunk_tokens: int | None = None,
+    include: np.ndarray | None = None,
 ) -> Plan:
-    """Plan packs for records of the given lengths (rows of one shard), chunk by chunk."""
+    """Plan packs for records of the given lengths (rows of one shard), chunk by chunk; ``include`` limits the
+    items to some records (the rest are duplicates, embedded once elsewhere)."""
     if budget < max_residues + 2:
         raise ValueError(f"token budget {budget} is below one full sequence ({max_residues + 2} tokens)")
-    rec, st, ln = [], [], []
-    for r, n in enumerate(np.asarray(lengths).tolist()):
-        for s, w in windows(n, policy, overlap, max_residues):
-            rec.append(r)
-            st.append(s)
-            ln.append(w)
-    rec_a, st_a, ln_a = (np.asarray(x, dtype=np.int64) for x in (rec, st, ln))
+    rec_a, st_a, ln_a = items(np.asarray(lengths, dtype=np.int64), policy, overlap, max_residues, include)
     n_records = len(lengths)
     chunks = chunk_bounds(np.bincount(rec_a, ln_a + 2, minlength=n_records).astype(np.int64), chunk_tokens) if chunk_tokens else [0, n_records]
     # bins numbered chunk after chunk, so packs come in chunk order
@@ -164,7 +177,7 @@ def build_plan(
     offset = 0
     for a, b in zip(item_bounds[:-1], item_bounds[1:]):
         if b > a:
-            bins[a:b] = first_fit_decreasing(ln_a[a:b] + 2, budget) + offset
+            bins[a:b] = next_fit_decreasing(ln_a[a:b] + 2, budget) + offset
             offset = int(bins[a:b].max()) + 1
     # packs in bin order (longest first); items within a pack in decreasing length
     order = np.lexsort((-ln_a, bins))
@@ -181,7 +194,7 @@ def plan_stats(plan: Plan, lengths: np.ndarray) -> dict:
     return {
         "records": int(plan.n_records),
         "items": int(n_items),
-        "split_records": int(n_items - len({int(r) for p in plan.packs for r in p.records})),
+        "split_records": int(n_items - len(np.unique(np.concatenate([p.records for p in plan.packs] or [np.zeros(0, np.int64)])))),
         "residues_in_records": int(lengths.sum()),
         "residues_embedded": int(sum(int(p.lengths.sum()) for p in plan.packs)),
         "packs": len(plan.packs),

@@ -10,18 +10,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def fixed_size_list(array: np.ndarray) -> pa.FixedSizeListArray:
-    """(N, D) float32/float16 array -> fixed_size_list<float>[D] column."""
+def fixed_size_list(array: np.ndarray, null: np.ndarray | None = None) -> pa.FixedSizeListArray:
+    """(N, D) float32/float16 array -> fixed_size_list<float>[D] column; ``null``: rows left empty."""
     array = np.ascontiguousarray(array)
-    return pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1])
+    mask = None if null is None or not null.any() else pa.array(null)
+    return pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1], mask=mask)
 
 
-def ragged_list(arrays: list[np.ndarray]) -> pa.ListArray:
-    """Per-residue (L_i, D) arrays -> list<fixed_size_list<float>[D]> column."""
+def ragged_list(arrays: list[np.ndarray], null: np.ndarray | None = None) -> pa.ListArray:
+    """Per-residue (L_i, D) arrays -> list<fixed_size_list<float>[D]> column; ``null``: rows left empty."""
     dim = arrays[0].shape[1] if arrays else 0
     flat = np.concatenate(arrays) if arrays else np.zeros((0, dim), np.float32)
     offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), fixed_size_list(flat))
+    mask = None if null is None or not null.any() else pa.array(null)
+    return pa.ListArray.from_arrays(pa.array(offsets), fixed_size_list(flat), mask=mask)
 
 
 def embeddings_table(
@@ -29,16 +31,24 @@ def embeddings_table(
     lengths: np.ndarray,
     columns: dict[str, np.ndarray | list[np.ndarray]],
     metadata: dict,
+    null: np.ndarray | None = None,
 ) -> pa.Table:
-    """Table with ``id`` string, ``length`` int32 and one column per embedding."""
+    """Table with ``id`` string, ``length`` int32 and one column per embedding; ``null`` marks rows whose
+    embeddings are not computed here (duplicates, filled by the merge)."""
     data = {"id": pa.array(ids, pa.string()), "length": pa.array(np.asarray(lengths), pa.int32())}
     for name, values in columns.items():
-        data[name] = ragged_list(values) if isinstance(values, list) else fixed_size_list(values)
+        data[name] = ragged_list(values, null) if isinstance(values, list) else fixed_size_list(values, null)
     table = pa.table(data)
     return table.replace_schema_metadata({"virnucpro": json.dumps(metadata, sort_keys=True)})
 
 
 RUN_KEY = b"virnucpro.run"  # a file written as it goes: its run statistics, added to the footer at the end
+PARTS_KEY = b"virnucpro.parts"  # the parts a shard's embeddings were computed from: name, rows, SHA-256 of the part file
+
+
+def compression(schema: pa.Schema) -> dict[str, str]:
+    """zstd for ids and small columns, none for the embeddings (floats: little to gain, a copy at disk speed)."""
+    return {f.name: "none" if pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type) else "zstd" for f in schema}
 
 
 def provenance_of(kv: dict | None) -> dict:
@@ -57,6 +67,12 @@ def read_metadata(path: str | Path) -> dict:
     if RUN_KEY in kv:
         meta["run"] = json.loads(kv[RUN_KEY])
     return meta
+
+
+def keys(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed_size_binary(16) column as a numpy array of 16-byte values (sortable, searchable)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return np.frombuffer(arr.buffers()[1], dtype="V16", count=len(arr), offset=arr.offset * 16)
 
 
 def column_array(table: pa.Table, name: str) -> np.ndarray:

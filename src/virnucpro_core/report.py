@@ -1,8 +1,8 @@
 """Figures and tables for the run report (``snakemake --report report.html``).
 
-Reads what a finished run left in ``outdir`` (plans, shard embeddings, spot checks, benchmarks,
-the merged Parquet; where each lives: :class:`.layout.Layout`) and writes PNG figures and HTML
-tables. Imports no torch.
+Reads what a finished run left in ``outdir`` (plans, the embed jobs' statistics, spot checks,
+benchmarks, the merged Parquet; where each lives: :class:`.layout.Layout`) and writes PNG figures
+and HTML tables. Imports no torch.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def input_figure(run: Layout, dest: str) -> None:
 def packing_figure(run: Layout, dest: str) -> list[dict]:
     rows = []
     fig, ax = plt.subplots(1, 2, figsize=(12, 3.6))
-    plans = run.shard_names("plans")
+    plans = run.shard_names()
     for name in plans:
         stats = json.loads(Path(run.plan_stats(name)).read_text())
         t = pq.read_table(run.plan(name))
@@ -117,11 +117,12 @@ def packing_figure(run: Layout, dest: str) -> list[dict]:
 
 def embedding_figure(layout: Layout, dest: str) -> list[dict]:
     rows = []
-    for name in layout.shard_names("embeddings"):
-        run = read_metadata(layout.shard_embeddings(name)).get("run", {})
+    for name in layout.shard_names():
+        run = json.loads(Path(layout.shard_stats(name)).read_text())
         bench = Path(layout.benchmark("embed_shard", name))
         wall = float(read_tsv(bench)[0]["s"]) if bench.exists() else float("nan")
-        rows.append({"shard": name, "device": run.get("device"), "records": run.get("records"), "tokens": run.get("tokens"),
+        rows.append({"shard": name, "device": run.get("device"), "records": run.get("rows"), "duplicates": run.get("duplicates"),
+                     "tokens": run.get("tokens"),
                      "job_wall_s": round(wall, 2), "engine_s": round(run.get("seconds", float("nan")), 2),
                      "tokens_per_s": round(run.get("tokens_per_s", 0.0)),
                      "peak_gpu_gib": "-" if run.get("peak_gib") is None else round(run["peak_gib"], 2),
@@ -232,9 +233,10 @@ def provenance_rows(run: Layout, config: dict | None = None) -> list[dict]:
         ("columns", ", ".join(f"{c['name']} (layer {c['layer']}, {c['pooling']})" for c in meta.get("columns", []))),
         ("compute dtype", meta.get("compute_dtype")),
         ("output dtype", meta.get("output_dtype")),
-        ("attention backend", ", ".join(sorted({str(read_metadata(run.shard_embeddings(n)).get("run", {}).get("attention_backend"))
-                                                for n in run.shard_names("embeddings")}))),
-        ("inputs", "; ".join(f"{i['file']} (sha256 {i['sha256'][:16]}...)" for i in meta.get("inputs", []))),
+        ("attention backend", ", ".join(sorted({str(json.loads(Path(run.shard_stats(n)).read_text()).get("attention_backend"))
+                                                for n in run.shard_names()}))),
+        ("rows filled from a duplicate", summary.get("filled_from_duplicates", 0)),
+        ("inputs", "; ".join(f"{i['file']} (sha256 {i['sha256'][:16]}...)" for i in summary.get("inputs", []))),
         ("virnucpro_core", __version__),
         ("torch", meta.get("torch")),
         ("fair-esm", meta.get("fair_esm")),

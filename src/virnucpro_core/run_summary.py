@@ -35,6 +35,8 @@ def success(outdir: str, gpus_asked: int | None) -> str:
            + (f" ({reasons})" if reasons else ""),
            f"  truncated records: {t.get('records', 0)}, {t.get('residues_not_embedded', 0)} residues not embedded "
            "(column embedded_residues)",
+           f"  rows filled from a duplicate: {s.get('filled_from_duplicates', 0)} of {s['embedded']} (identical sequences "
+           "embedded once)",
            f"  spot-check: {s['spot_checked']} sequences against the unpacked model, {s['spot_check_failed']} below threshold"]
     warnings = []
     embed_logs = sorted((Path(run.logs) / "embed_shard").glob("*.log"))

@@ -6,7 +6,7 @@ from snakemake.utils import validate
 
 # the options and the folder layout come from the core package (both import nothing heavy)
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
-from virnucpro_core import claim, resources, run_summary
+from virnucpro_core import claim, parts, resources, run_summary
 from virnucpro_core.checkpoint import (
     check_for_model,
     find_named,
@@ -14,7 +14,7 @@ from virnucpro_core.checkpoint import (
     named_model_problem,
 )
 from virnucpro_core.hf import converted_path, hf_folder, hf_shape, weights_file
-from virnucpro_core.layout import SHARD_PATTERN, Layout
+from virnucpro_core.layout import PART_PATTERN, SHARD_PATTERN, Layout
 from virnucpro_core.options import ESM2_MODELS, PATH_KEYS, Options
 
 # types --config values by the options' declarations (nested ones arrive as strings),
@@ -28,6 +28,7 @@ STAGE = "../scripts/stage.py"
 
 wildcard_constraints:
     shard=SHARD_PATTERN,
+    part=PART_PATTERN,
 
 
 def input_fastas():
@@ -52,17 +53,6 @@ def gpus_asked():
     gpus = workflow.global_resources.get("gpu")
     gpus = getattr(gpus, "value", gpus)
     return gpus if isinstance(gpus, int) else None
-
-
-def residues_per_shard():
-    """With shards: null and --resources gpu=N, shards of at most 1/N of the input (its bytes
-    bound its residues), so every GPU gets one."""
-    gpus = gpus_asked()
-    per = OPTIONS.residues_per_shard
-    if gpus and gpus > 1:
-        size = sum(os.path.getsize(f) for f in input_fastas())
-        per = max(1, min(per, -(-size // gpus)))
-    return per
 
 
 def stop(message):
@@ -145,24 +135,49 @@ check_for_model(OPTIONS, MODEL_LAYERS)
 
 
 def embed_mem_mb(wildcards, input):
-    return resources.embed_mb(OPTIONS, MODEL_MB, MODEL_DIM, input.size_mb - MODEL_MB)
-
-
-def shard_names():
-    checkpoints.shard_fasta.get()
-    return L.shard_names("shards")
-
-
-def merged_embeddings():
-    """embeddings.parquet: a file, or with merge.output: dataset a folder of part files."""
-    return (
-        directory(L.embeddings) if OPTIONS.merge.output == "dataset" else L.embeddings
+    shard_mb = sum(os.path.getsize(p) for p in input.parts) / 1e6
+    return resources.embed_mb(
+        OPTIONS, MODEL_MB, MODEL_DIM, shard_mb, input.size_mb - MODEL_MB - shard_mb
     )
 
 
-def shard_embeddings(wildcards):
-    return [L.shard_embeddings(name) for name in shard_names()]
+# the input's parts (one shard job each) and shards (consecutive parts, one embed job each), from the
+# files' sizes: every job is known when the run starts, so each embed job waits only for its own parts
+PARTS = parts.plan_parts(input_fastas(), OPTIONS, gpus_asked())
+PART = {p.name: p for p in PARTS}
+SHARD = {parts.shard_name(i): group for i, group in enumerate(parts.shards(PARTS))}
 
 
-def shard_spot_checks(wildcards):
-    return [L.spot_check(name) for name in shard_names()]
+def part_spec(wildcards):
+    return PART[wildcards.part].to_dict()
+
+
+def part_input(wildcards):
+    return PART[wildcards.part].file
+
+
+def part_files(what="rows"):
+    return [L.part(p.name, what) for p in PARTS]
+
+
+def shard_parts(wildcards):
+    return [L.part(p.name) for p in SHARD[wildcards.shard]]
+
+
+def earlier_parts(wildcards):
+    """With embedding.deduplicate, the parts before the shard: a row whose sequence they hold is not embedded again."""
+    if not OPTIONS.embedding.deduplicate:
+        return []
+    return [L.part(p.name) for p in PARTS[: SHARD[wildcards.shard][0].index]]
+
+
+def per_shard(kind):
+    """One path per shard, ``kind`` a Layout method (``shard_embeddings``, ``spot_check``...)."""
+    return [getattr(L, kind)(name) for name in SHARD]
+
+
+def merged_embeddings():
+    """embeddings.parquet: a file, or with merge.output dataset (auto: more than one shard) a folder of part files."""
+    if OPTIONS.merge.layout(len(SHARD)) == "dataset":
+        return directory(L.embeddings)
+    return L.embeddings

@@ -1,14 +1,18 @@
 rule embed_shard:
-    """Packed ESM-2 forward of one shard on one GPU (the CPU if none), written chunk by chunk
-    (a killed job resumes from its last chunk); then, on the same model, the spot-check: a
-    length-stratified sample re-embedded unpacked and compared with the packed result.
+    """Packed ESM-2 forward of one shard (its parts, in order) on one GPU (the CPU if none): duplicates of
+    earlier rows skipped, packs planned, written chunk by chunk (a killed job resumes from its last chunk);
+    then, on the same model, the spot-check: a length-stratified sample re-embedded unpacked and compared.
     """
     input:
-        shard=L.shard("{shard}"),
-        plan=L.plan("{shard}"),
+        parts=shard_parts,
+        earlier=earlier_parts,
         model=MODEL_FILE,
     output:
-        embeddings=L.shard_embeddings("{shard}"),
+        embeddings=temp(L.shard_embeddings("{shard}")),
+        dups=temp(L.shard_dups("{shard}")),
+        stats=L.shard_stats("{shard}"),
+        plan=L.plan("{shard}"),
+        plan_stats=L.plan_stats("{shard}"),
         spot_check=L.spot_check("{shard}"),
         spot_check_summary=L.spot_check_summary("{shard}"),
     log:

@@ -1,9 +1,14 @@
 rule merge:
-    """All shards into one Parquet in input order, with skipped.tsv and accounting."""
+    """All shards in input order (moved into place, rewritten only where duplicates are filled or rows
+    dropped), with skipped.tsv and the accounting; the shards' own copies are removed after it.
+    """
     input:
-        shards=L.shards,
-        embeddings=shard_embeddings,
-        spot_checks=shard_spot_checks,
+        manifest=L.manifest,
+        skipped=L.shard_skipped,
+        parts=part_files(),
+        embeddings=per_shard("shard_embeddings"),
+        dups=per_shard("shard_dups"),
+        spot_checks=per_shard("spot_check"),
     output:
         embeddings=merged_embeddings(),
         skipped=L.skipped,
@@ -15,8 +20,9 @@ rule merge:
         L.benchmark("merge")
     conda:
         "../../envs/virnucpro.yaml"
+    threads: 2
     resources:
-        mem_mb=resources.MERGE_MB,
+        mem_mb=lambda wildcards, input: resources.merge_mb(input.size_mb),
         runtime=60,
     script:
         STAGE

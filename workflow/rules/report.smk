@@ -2,6 +2,8 @@ rule report_figures:
     """Figures and tables for `snakemake --report report.html`."""
     input:
         rules.merge.output,
+        stats=per_shard("shard_stats"),
+        plans=per_shard("plan_stats"),
     output:
         input=report(
             L.figure("input.png"),

@@ -1,19 +1,47 @@
-checkpoint shard_fasta:
-    """Validate the FASTA inputs; cut kept records into residue-balanced shards."""
+rule shard:
+    """Validate one part of the input (a byte range of one file) and write its records to embed."""
     input:
-        input_fastas(),
+        part_input,
     output:
-        shards=directory(L.shards),
+        rows=L.part("{part}"),
+        manifest=L.part("{part}", "manifest"),
+        ids=L.part("{part}", "ids"),
+        skipped=L.part("{part}", "skipped"),
     log:
-        L.log("shard_fasta"),
+        L.log("shard", "{part}"),
     benchmark:
-        L.benchmark("shard_fasta")
+        L.benchmark("shard", "{part}")
     conda:
         "../../envs/virnucpro.yaml"
     resources:
-        mem_mb=lambda wildcards, input: resources.shard_mb(input.size_mb),
-        runtime=120,
+        mem_mb=lambda wildcards: resources.part_mb(PART[wildcards.part]),
+        runtime=60,
     params:
-        residues_per_shard=residues_per_shard(),
+        part=part_spec,
+    script:
+        STAGE
+
+
+rule shard_index:
+    """The parts checked together (while the GPUs work): record numbers, ids used twice, per-file counts."""
+    input:
+        manifests=part_files("manifest"),
+        ids=part_files("ids"),
+        skipped=part_files("skipped"),
+    output:
+        manifest=L.manifest,
+        skipped=L.shard_skipped,
+    log:
+        L.log("shard_index"),
+    benchmark:
+        L.benchmark("shard_index")
+    conda:
+        "../../envs/virnucpro.yaml"
+    resources:
+        mem_mb=lambda wildcards, input: resources.index_mb(input.size_mb),
+        runtime=30,
+    params:
+        parts=[p.to_dict() for p in PARTS],
+        inputs=input_fastas(),
     script:
         STAGE

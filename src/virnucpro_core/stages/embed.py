@@ -1,18 +1,18 @@
-"""Stage 3: packed ESM-2 embeddings of one shard, following its plan, on one GPU (or the CPU).
+"""Stage 2: packed ESM-2 embeddings of one shard (consecutive parts of the input), on one GPU (or the CPU).
 
-The plan cuts the shard into chunks (contiguous rows, about ``packing.chunk_tokens`` tokens each).
-As soon as a chunk's packs are done, a writer thread writes its rows to ``<out>.chunks/`` and
-appends them to ``out`` (still under a temporary name) while the GPU computes the next chunk, so
-host memory holds two chunks at most and the writes cost no GPU time. A killed job redoes at most
-one chunk: a rerun finds the finished chunks (checked against a key of the shard, plan, checkpoint
-and options) and computes only the rest. A shard of a single chunk has nothing to resume from and
-is written once. With ``spot_check``, the spot-check runs in the same job on the model already on
-the GPU.
+The job reads its parts, finds the rows whose sequence came earlier (:mod:`..dedup`: those are not embedded;
+the merge fills them), plans packs (:func:`..packing.build_plan`, a fraction of a second) and embeds. The
+plan cuts the shard into chunks (contiguous rows, about ``packing.chunk_tokens`` tokens each). As soon as a
+chunk's packs are done, a writer thread writes its rows to ``<out>.chunks/`` and appends them to ``out``
+(still under a temporary name) while the GPU computes the next chunk, so host memory holds two chunks at
+most and the writes cost no GPU time. A killed job redoes at most one chunk: a rerun finds the finished
+chunks (checked against a key of the parts, the model and the options) and computes only the rest. A shard
+of a single chunk has nothing to resume from and is written once. The output has the merged output's
+columns, so the merge can move it into place as it is.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -29,17 +29,18 @@ import pyarrow.parquet as pq
 import torch
 
 from .. import __version__
+from ..dedup import find_duplicates
 from ..devices import acquire_device
 from ..embed import EmbedResult, Embedder, Outputs
-from ..files import atomic_path, row_group_rows, sha256
+from ..files import atomic_path, row_group_rows, sha256, write_json
 from ..model import LoadedModel, load_model
 from ..options import Options
-from ..packing import Plan, load_plan
-from ..parquet import RUN_KEY, embeddings_table, provenance_of, read_metadata
-from .shard import BOOKKEEPING, NUCLEOTIDE_COLUMNS, sequence_lengths
+from ..packing import Plan, build_plan, load_plan, save_plan
+from ..parquet import PARTS_KEY, RUN_KEY, compression, embeddings_table, keys, provenance_of, read_metadata
+from ..resources import chunk_tokens
+from .shard import NUCLEOTIDE_COLUMNS, PART_KEY, Shard, sequence_lengths
 
 log = logging.getLogger(__name__)
-
 
 def compute_dtype(device: str, dtype: str) -> str:
     """The CPU computes in float32 whatever the configured GPU dtype."""
@@ -61,7 +62,7 @@ def process_seconds() -> float | None:
 IMPORTED = process_seconds()  # the interpreter and the stage's imports
 
 
-def chunk_key(shard: str | Path, plan: str | Path, model: str | LoadedModel, options: Options) -> str:
+def chunk_key(shard: Shard, earlier_digest: str, model: str | LoadedModel, options: Options) -> str:
     """What a finished chunk was computed from; a chunk with another key is recomputed."""
     opts = options.embedding
     if isinstance(model, LoadedModel):
@@ -70,9 +71,10 @@ def chunk_key(shard: str | Path, plan: str | Path, model: str | LoadedModel, opt
         model_id = sha256(model)
     else:  # a fair-esm name: its release file
         model_id = model
-    data = {"shard": sha256(shard, cache=False), "plan": sha256(plan, cache=False), "model": model_id,
+    data = {"parts": shard.sha256, "earlier": earlier_digest, "model": model_id, "packing": options.to_dict()["packing"],
+            "long_sequences": options.to_dict()["long_sequences"],
             "embedding": {k: getattr(opts, k) for k in ("layers", "poolings", "per_residue_layers", "dtype", "output_dtype",
-                                                        "attention", "device")}}
+                                                        "attention", "device", "deduplicate")}}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -102,8 +104,9 @@ class Chunks:
 
 class _Writer:
     """One thread writes finished chunks in row order while the GPU computes: each to its chunk file
-    (uncompressed: only a rerun reads it) and appended to ``out``'s temporary file (zstd). At most one
-    chunk waits for it, so host memory holds two chunks."""
+    (uncompressed: only a rerun reads it) and appended to ``out``'s temporary file. At most one chunk waits
+    for it, so host memory holds two chunks. Embedding columns are stored uncompressed (floats barely
+    compress), so the merge copies them at disk speed when it must copy at all."""
 
     def __init__(self, chunks: Chunks, tmp: Path, keep_chunks: bool) -> None:
         self.chunks, self.tmp, self.keep_chunks = chunks, tmp, keep_chunks
@@ -116,7 +119,7 @@ class _Writer:
             meta = provenance_of(table.schema.metadata)
             meta.pop("run", None)  # the whole job's statistics go to the footer at the end
             self.writer = pq.ParquetWriter(self.tmp, table.schema.with_metadata({"virnucpro": json.dumps(meta, sort_keys=True)}),
-                                           compression="zstd")
+                                           compression=compression(table.schema))
         self.writer.write_table(table.replace_schema_metadata(self.writer.schema.metadata), row_group_size=row_group_rows(table))
 
     def _write(self, c: int, make_table) -> None:
@@ -136,10 +139,10 @@ class _Writer:
             pending, self.pending = self.pending, None
             pending.result()  # a failed write is raised here
 
-    def close(self, stats: dict) -> None:
+    def close(self, footer: dict[bytes, str]) -> None:
         """The last write done, the job's statistics into the footer."""
         self.wait()
-        self.writer.add_key_value_metadata({RUN_KEY: json.dumps(stats, sort_keys=True)})
+        self.writer.add_key_value_metadata(footer)
         self.writer.close()
         self.writer = None
 
@@ -160,41 +163,70 @@ class _Writer:
                 self.writer.close()
 
 
-def _chunk_table(shard_t: pa.Table, lo: int, hi: int, sub: Plan, result: EmbedResult, outputs_dtype: str, meta: dict) -> pa.Table:
-    """Rows ``lo:hi`` of the shard: ``id``, ``length``, ``embedded_residues`` (fewer than ``length``:
-    truncated), the embedding columns and the bookkeeping columns."""
-    np_dtype = {"float32": np.float32, "float16": np.float16}[outputs_dtype]
+def embedded_residues(lengths: np.ndarray, options: Options) -> np.ndarray:
+    """The residues each row's embedding covers: its first ``max_residues`` (truncate), or all of them (split)."""
+    long = options.long_sequences
+    return np.minimum(lengths, long.max_residues) if long.policy == "truncate" else lengths
+
+
+def _chunk_table(shard_t: pa.Table, lo: int, hi: int, result: EmbedResult, own: np.ndarray, options: Options,
+                 meta: dict) -> pa.Table:
+    """Rows ``lo:hi`` of the shard: ``id``, ``length``, ``embedded_residues`` (fewer than ``length``: truncated),
+    the embedding columns (empty for a duplicate, filled by the merge) and, for nucleotide input, where each
+    protein comes from."""
+    np_dtype = {"float32": np.float32, "float16": np.float16}[options.embedding.output_dtype]
     rows = shard_t.slice(lo, hi - lo)
     columns: dict = {c: v.astype(np_dtype) for c, v in result.pooled.items()}
     columns.update({c: [a.astype(np_dtype) for a in v] for c, v in result.per_residue.items()})
-    table = embeddings_table(rows["id"].to_pylist(), sequence_lengths(rows), columns, meta)
-    covered = np.zeros(hi - lo, np.int64)  # windows start at 0 and overlap: the last residue covered
-    for p in sub.packs:
-        np.maximum.at(covered, p.records, p.starts + p.lengths)
-    table = table.add_column(2, "embedded_residues", pa.array(covered, pa.int32()))
-    for col in BOOKKEEPING + [c for c in NUCLEOTIDE_COLUMNS if c in rows.column_names]:
-        table = table.append_column(col, rows[col])
+    lengths = sequence_lengths(rows)
+    table = embeddings_table(rows["id"].to_pylist(), lengths, columns, meta, null=~own[lo:hi])
+    table = table.add_column(2, "embedded_residues", pa.array(embedded_residues(lengths, options), pa.int32()))
+    for col in NUCLEOTIDE_COLUMNS:
+        if col in rows.column_names:
+            table = table.append_column(col, rows[col])
     return table
 
 
-def run(shard: str | Path, plan: str | Path, model: str | LoadedModel, out: str | Path, options: Options,
-        spot_check: str | Path | None = None) -> dict:
-    """Write the shard's embeddings Parquet ``out``: ``id``, ``length``, the embedding columns, and
-    the shard's bookkeeping columns for the merge; with ``spot_check`` (a TSV path) also the spot-check."""
+def run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, options: Options, *,
+        earlier: list[str | Path] = (), plan: str | Path | None = None, plan_out: str | Path | None = None,
+        dups_out: str | Path | None = None, stats_out: str | Path | None = None, spot_check: str | Path | None = None) -> dict:
+    """Write the shard's embeddings Parquet ``out`` (rows of ``parts``, in order). ``earlier``: the parts
+    before this shard (with ``embedding.deduplicate``, a row whose sequence one of them holds is a duplicate);
+    ``plan``: a plan to follow instead of planning here; ``plan_out``/``dups_out``/``stats_out``: the plan,
+    the duplicates (for the merge) and the job's statistics; ``spot_check``: a TSV path, to spot-check the
+    shard in this job."""
     opts, out = options.embedding, Path(out)
-    with contextlib.ExitStack() as stack:
-        dev = stack.enter_context(acquire_device(opts.lock_dir, opts.device))
-        # the model goes onto the device while the shard and its plan are read and checked
-        loading = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="model-to-device")).submit(_engine, model, dev, options)
-        shard_t = pq.read_table(shard)  # one shard: its sequences at a byte per residue
-        the_plan = load_plan(plan)
-        if the_plan.n_records != shard_t.num_rows:
-            raise ValueError(f"{plan} plans {the_plan.n_records} records but {shard} has {shard_t.num_rows}")
-        chunks = Chunks(out, chunk_key(shard, plan, model, options))
+    with acquire_device(opts.lock_dir, opts.device) as dev, ThreadPoolExecutor(1, thread_name_prefix="model-to-device") as pool:
+        # the model goes onto the device while the parts are read and planned
+        loading = pool.submit(_engine, model, dev, options)
+        shard = Shard(parts)
+        shard_t = shard.table
+        own, dups, earlier_digest = _duplicates(shard, earlier, options)
+        lengths = sequence_lengths(shard_t) if shard_t.num_rows else np.zeros(0, np.int64)
+        long = options.long_sequences
+        if plan:  # followed as it is: every row it plans is embedded
+            the_plan = load_plan(plan)
+            if the_plan.n_records != shard_t.num_rows:
+                raise ValueError(f"{plan} plans {the_plan.n_records} records but the parts hold {shard_t.num_rows}")
+            own = np.zeros(shard_t.num_rows, bool)
+            for p in the_plan.packs:
+                own[p.records] = True
+            dups = dups[~own[dups["row"]]]
+            if len(dups) != int((~own).sum()):
+                raise ValueError(f"{plan} leaves rows out that are not duplicates of earlier rows")
+        else:
+            the_plan = build_plan(lengths, options.packing.token_budget, long.policy, long.overlap, long.max_residues,
+                                  chunk_tokens(options), include=own)
+        if plan_out:
+            save_plan(the_plan, plan_out)
+            write_json(Path(plan_out).with_suffix(".json"), the_plan.stats)
+        chunks = Chunks(out, chunk_key(shard, earlier_digest, model, options))
         n = the_plan.n_chunks
         finished = {c: m for c in range(n) if (m := chunks.done(c)) is not None}
         todo = [c for c in range(n) if c not in finished]
         shard_tokens = sum(p.tokens for p in the_plan.packs)
+        log.info("%d rows in %d parts, %d duplicates of earlier rows (not embedded), %d packs in %d chunks", shard_t.num_rows,
+                 len(parts), len(dups), len(the_plan.packs), n)
         if finished:
             log.info("resuming: %d of %d chunks already done in %s", len(finished), n, chunks.dir)
         loaded, embedder, outputs, t_load, t_device = loading.result()
@@ -213,25 +245,49 @@ def run(shard: str | Path, plan: str | Path, model: str | LoadedModel, out: str 
                 result = embedder.embed(shard_t["sequence"].slice(lo, hi - lo).to_pylist(), sub, outputs,
                                         ids=shard_t["id"].slice(lo, hi - lo).to_pylist())
                 result.stats["startup_seconds"] = started if c == todo[0] else None
-                meta = provenance(loaded, outputs, embedder.dtype_name, opts.output_dtype, result.stats)
-                writer.submit(c, lambda lo=lo, hi=hi, sub=sub, result=result, meta=meta:
-                              _chunk_table(shard_t, lo, hi, sub, result, opts.output_dtype, meta))
+                meta = provenance(loaded, outputs, embedder.dtype_name, opts.output_dtype, result.stats, shard)
+                writer.submit(c, lambda lo=lo, hi=hi, result=result, meta=meta:
+                              _chunk_table(shard_t, lo, hi, result, own, options, meta))
                 finished[c] = result.stats
                 done = sum(finished[k]["tokens"] for k in finished)
                 log.info("chunk %d/%d done: %d tokens of the shard, %.0f tokens/s, ETA %.0f s", c + 1, n, done,
                          result.stats["tokens_per_s"], (shard_tokens - done) / max(result.stats["tokens_per_s"], 1e-9))
                 del result
-            stats = {**_sum_stats([finished[c] for c in range(n)]), "resumed_chunks": n - len(todo),
+            stats = {**_sum_stats([finished[c] for c in range(n)]), "resumed_chunks": n - len(todo), "rows": shard_t.num_rows,
+                     "duplicates": len(dups),
                      # this job's start-up: process start to its first pack, then that pack (compilation)
                      **{k: finished[todo[0]][k] if todo else None for k in ("startup_seconds", "first_pack_seconds")}}
-            writer.close(stats)
+            writer.close({RUN_KEY: json.dumps(stats, sort_keys=True), PARTS_KEY: json.dumps(shard.describe())})
         shutil.rmtree(chunks.dir)
+        if dups_out:
+            with atomic_path(dups_out) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, dups, allow_pickle=False)
         if spot_check:
             from . import spot_check as check
 
-            stats["spot_check"] = check.run(shard, out, loaded, spot_check, options, embedder=embedder, shard_table=shard_t)
+            stats["spot_check"] = check.run(parts, out, loaded, spot_check, options, embedder=embedder, shard_table=shard_t,
+                                            own=own)
+    if stats_out:
+        write_json(stats_out, stats)
     log.info("done: %s", json.dumps(stats))
     return stats
+
+
+def _duplicates(shard: Shard, earlier: list[str | Path], options: Options) -> tuple[np.ndarray, np.ndarray, str]:
+    """Rows to embed, the duplicates, and a digest of the earlier parts' keys (they decide which rows are duplicates)."""
+    if not options.embedding.deduplicate:
+        from ..dedup import DUPS_DTYPE
+
+        return np.ones(shard.table.num_rows, bool), np.zeros(0, DUPS_DTYPE), ""
+    digest = hashlib.sha256()
+    before = []
+    for p in earlier:
+        k = keys(pq.read_table(p, columns=["key"])["key"])
+        digest.update(k.tobytes())
+        before.append((json.loads(pq.read_metadata(p).metadata[PART_KEY])["index"], k))
+    own_keys = keys(shard.table["key"]) if shard.table.num_rows else np.zeros(0, "V16")
+    own, dups = find_duplicates(own_keys, shard.part_of_row, shard.row_in_part, before)
+    return own, dups, digest.hexdigest()
 
 
 def _engine(model: str | LoadedModel, dev: str, options: Options) -> tuple[LoadedModel, Embedder, Outputs, float, float]:
@@ -250,7 +306,8 @@ def _sum_stats(parts: list[dict]) -> dict:
     return stats
 
 
-def provenance(loaded: LoadedModel, outputs: Outputs, dtype: str, output_dtype: str, stats: dict | None = None) -> dict:
+def provenance(loaded: LoadedModel, outputs: Outputs, dtype: str, output_dtype: str, stats: dict | None = None,
+               shard: Shard | None = None) -> dict:
     return {
         "model": loaded.name,
         "checkpoint": loaded.source,
@@ -264,5 +321,6 @@ def provenance(loaded: LoadedModel, outputs: Outputs, dtype: str, output_dtype: 
         "virnucpro_core": __version__,
         "torch": torch.__version__,
         "fair_esm": importlib.metadata.version("fair-esm"),
+        **({"inputs": [{k: i[k] for k in ("file", "start", "end", "sha256")} for i in shard.info]} if shard else {}),
         **({"run": stats} if stats else {}),
     }

@@ -1,4 +1,6 @@
-"""Stage 2: the packing plan of one shard (first-fit-decreasing packs under the token budget)."""
+"""The packing plan of one shard (next-fit-decreasing packs under the token budget), on its own: the embed
+stage plans its shard itself (a fraction of a second); this writes the same plan for a look at it, or for
+``embed --plan``."""
 
 from __future__ import annotations
 
@@ -6,23 +8,19 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from ..files import write_json
 from ..options import Options
 from ..packing import build_plan, save_plan
 from ..resources import chunk_tokens
-from .shard import sequence_lengths
+from .shard import Shard, sequence_lengths
 
 log = logging.getLogger(__name__)
 
 
-def run(shard: str | Path, out: str | Path, stats_out: str | Path | None, options: Options) -> dict:
-    """Write the plan (Parquet, one row per item) to ``out`` and its statistics to ``stats_out``."""
-    f = pq.ParquetFile(shard)  # lengths a row group at a time: the sequences are never all in memory
-    lengths = np.concatenate([sequence_lengths(pa.table(b)) for b in f.iter_batches(columns=["sequence"])] or [np.zeros(0, np.int64)])
+def run(parts: list[str | Path], out: str | Path, stats_out: str | Path | None, options: Options) -> dict:
+    """Write the plan of the shard made of ``parts`` (Parquet, one row per item) to ``out``, its statistics to
+    ``stats_out``. Every row is planned (the embed stage leaves out duplicates of earlier rows)."""
+    lengths = sequence_lengths(Shard(parts).table)
     long = options.long_sequences
     plan = build_plan(lengths, options.packing.token_budget, long.policy, long.overlap, long.max_residues,
                       chunk_tokens=chunk_tokens(options))

@@ -1,4 +1,4 @@
-"""Stage 4: re-embed a length-stratified sample of a shard unpacked and compare with the packed result.
+"""Stage 3: re-embed a length-stratified sample of a shard unpacked and compare with the packed result.
 
 Per sampled record: cosine of the stored pooled embedding against fair-esm's own forward (one
 sequence at a time, no padding, fp32 rotary), and, re-packing the sample into one pack, the
@@ -26,7 +26,7 @@ from ..options import Options
 from ..packing import Pack, windows
 from ..parquet import read_metadata, take_rows
 from .embed import compute_dtype
-from .shard import sequence_lengths
+from .shard import Shard, sequence_lengths
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +48,23 @@ def sample_by_length(lengths: np.ndarray, n: int, n_longest: int = 3) -> np.ndar
     return np.sort(np.unique(take))
 
 
-def run(shard: str | Path, embeddings: str | Path, model: str | LoadedModel, out: str | Path, options: Options,
-        embedder: Embedder | None = None, shard_table: pa.Table | None = None) -> dict:
+def run(parts: list[str | Path], embeddings: str | Path, model: str | LoadedModel, out: str | Path, options: Options,
+        embedder: Embedder | None = None, shard_table: pa.Table | None = None, own: np.ndarray | None = None) -> dict:
     """Write the per-record table to ``out`` (TSV) and a summary next to it (``.json``); raise
-    (``on_fail: error``) or warn when a record is below the thresholds. ``embedder``: the embed
-    job's own (the model already on its device), else the model is loaded here; ``shard_table``:
-    the shard as that job read it."""
+    (``on_fail: error``) or warn when a record is below the thresholds. ``parts``: the shard's parts;
+    ``embedder``: the embed job's own (the model already on its device), else the model is loaded here;
+    ``shard_table``, ``own``: the shard as that job read it and the rows it embedded (the others are
+    duplicates, filled by the merge; without ``own``, the rows whose embedding is stored)."""
     opts, long = options.spot_check, options.long_sequences
-    shard_t = pq.read_table(shard) if shard_table is None else shard_table
+    shard_t = Shard(parts).table if shard_table is None else shard_table
     ids = shard_t["id"].to_pylist()
     if ids != pq.read_table(embeddings, columns=["id"])["id"].to_pylist():
-        raise ValueError(f"{embeddings} does not hold the records of {shard} in order")
+        raise ValueError(f"{embeddings} does not hold the records of {', '.join(map(str, parts))} in order")
+    if own is None:
+        own = ~pq.read_table(embeddings, columns=["embedding"])["embedding"].is_null().to_numpy(zero_copy_only=False)
     seqs = shard_t["sequence"].to_pylist()
-    rows = sample_by_length(sequence_lengths(shard_t), opts.sample).tolist()
+    candidates = np.flatnonzero(own)
+    rows = candidates[sample_by_length(sequence_lengths(shard_t)[candidates], opts.sample)].tolist()
     if not rows:  # an empty shard (fewer records than shards)
         write_tsv(out, HEADER, [])
         write_json(Path(out).with_suffix(".json"), {"checked": 0, "failed": 0})
@@ -100,7 +104,7 @@ def run(shard: str | Path, embeddings: str | Path, model: str | LoadedModel, out
                "packed_dtype": read_metadata(embeddings).get("compute_dtype"), **down}
     write_json(Path(out).with_suffix(".json"), summary)
     if failed:
-        msg = f"spot-check of {shard}: {len(failed)} of {len(out_rows)} sequences below threshold " + ", ".join(
+        msg = f"spot-check of {embeddings}: {len(failed)} of {len(out_rows)} sequences below threshold " + ", ".join(
             f"{r[0]} (length {r[1]}, pooled {r[2]}, min residue {r[4]})" for r in failed[:10])
         if opts.on_fail == "error":
             raise RuntimeError(msg)

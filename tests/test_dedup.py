@@ -1,0 +1,63 @@
+"""Identical sequences embedded once: every record keeps its row, equal to a run without de-duplication."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import cpu_options, random_protein, run_stages
+from virnucpro_core.dedup import find_duplicates
+from virnucpro_core.parquet import column_array
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "resources/example/esm2_t2_tiny_random.pt"
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(16, "little")
+
+
+def test_each_duplicate_points_at_the_first_row_with_its_key():
+    keys = np.array([key(k) for k in (5, 1, 5, 2, 1, 9, 5)], dtype="V16")
+    part, part_row = np.array([3, 3, 3, 4, 4, 4, 4]), np.array([0, 1, 2, 0, 1, 2, 3])
+    earlier = [(1, np.array([key(7), key(2)], dtype="V16")), (2, np.array([key(9), key(2)], dtype="V16"))]
+    own, dups = find_duplicates(keys, part, part_row, earlier)
+    assert own.tolist() == [True, True, False, False, False, False, False]
+    assert dups.tolist() == [(2, 3, 0), (3, 1, 1), (4, 3, 1), (5, 2, 0), (6, 3, 0)]
+
+
+def records(rng, n_unique=60, copies=3):
+    """Proteins, some repeated (identical, or identical in their first 1022 residues), spread over the file."""
+    seqs = [random_protein(rng, int(rng.integers(30, 700))) for _ in range(n_unique)]
+    seqs.append(random_protein(rng, 1500))
+    seqs.append(seqs[-1][:1022] + "W" * 40)  # the model sees the same 1022 residues (truncate)
+    out = list(seqs)
+    for _ in range(copies):
+        out += [seqs[i] for i in rng.permutation(len(seqs))[: n_unique // 3]]
+    return [out[i] for i in rng.permutation(len(out))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shards, layers", [(1, ()), (3, ()), (3, (1,))], ids=["one-shard", "three-shards", "per-residue"])
+def test_deduplicated_output_equals_the_output_without(tmp_path, rng, shards, layers):
+    seqs = records(rng)
+    p = tmp_path / "dups.faa"
+    p.write_text("".join(f">r{i}\n{s}\n" for i, s in enumerate(seqs)))
+    runs = {}
+    for dedup in (True, False):
+        opts = cpu_options(tmp_path, shards=shards, **{"embedding.deduplicate": dedup, "embedding.per_residue_layers": layers,
+                                                        "spot_check.sample": 4})
+        runs[dedup] = run_stages(tmp_path / f"dedup-{dedup}", [p], opts, MODEL)
+    (s_on, r_on), (s_off, r_off) = runs[True], runs[False]
+    a, b = pq.read_table(r_on.embeddings), pq.read_table(r_off.embeddings)
+    assert a.equals(b)  # every column, bit for bit (the CPU)
+    assert a["id"].to_pylist() == [f"r{i}" for i in range(len(seqs))]
+    n_dups = len(seqs) - len({s[:1022] for s in seqs})
+    assert s_on["filled_from_duplicates"] == n_dups > 20 and s_off["filled_from_duplicates"] == 0
+    stats = [json.loads(Path(r_on.shard_stats(f"shard_{k:04d}")).read_text()) for k in range(shards)]
+    assert sum(s["duplicates"] for s in stats) == n_dups
+    assert sum(s["tokens"] for s in stats) < sum(json.loads(Path(r_off.shard_stats(f"shard_{k:04d}")).read_text())["tokens"]
+                                                for k in range(shards))
+    assert not column_array(a, "embedding").std(0).min() == 0
