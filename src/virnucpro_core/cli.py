@@ -264,4 +264,10 @@ def job(smk: Any) -> None:
             claim.check(options.outdir, run_id)
         work()
 
-    sys.exit(_run(name, checked))
+    rc = _run(name, checked)
+    # every output is closed and renamed by now: end without the interpreter's teardown (torch's CUDA
+    # context and finalisers, about a second on a GPU node, between the last embed job and the merge)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)

@@ -28,6 +28,14 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def compute_dtype(device: str, dtype: str) -> str:
+    """The CPU computes in float32 whatever the configured GPU dtype."""
+    if device == "cpu" and dtype != "float32":
+        log.info("on the CPU: computing in float32 instead of %s", dtype)
+        return "float32"
+    return dtype
+
+
 class SequenceTooLargeError(RuntimeError):
     pass
 

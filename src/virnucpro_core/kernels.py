@@ -11,7 +11,8 @@ They compute what :mod:`.packed_esm`'s PyTorch path computes (the CPU and refere
 same order, except that fc1's output is not rounded before the GELU. They replaced torch.compile
 (an embed job no longer imports the compiler and loads its cache: about 12 s of start-up on the
 H200). Triton keeps compiled kernels in its on-disk cache (``~/.triton/cache``): a job loads them in
-milliseconds. Measurements: README's Performance section.
+milliseconds; the arguments that vary with the pack (rows, programs) are not specialised on, so one
+compiled variant serves every pack. Measurements: README's Performance section.
 """
 
 from __future__ import annotations
@@ -75,7 +76,9 @@ if triton is not None:
         half_erfc = t * _exp2(p - (v * 0.72134752) * v)  # Phi(-|x|); log2(e) / 2 = 0.72134752
         return tl.maximum(v, 0.0) - tl.abs(v) * half_erfc
 
-    @triton.jit
+    # M and programs vary with the pack: not specialised on (Triton would compile a variant for each
+    # divisibility by 16 it meets, seconds each on a job's first packs), as T for the rotary
+    @triton.jit(do_not_specialize=["M", "programs"])
     def _linear_gelu(x_desc, w_desc, out_desc, bias, M, N, K, programs, BM: tl.constexpr, BN: tl.constexpr,
                      BK: tl.constexpr, GROUP_M: tl.constexpr, ACT: tl.constexpr):
         """out (M, N) = ACT(x (M, K) @ w (N, K).T + bias), in fp32 until the store; ACT is _gelu_fp32 (other
@@ -93,7 +96,7 @@ if triton is not None:
             acc += tl.load(bias + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
             out_desc.store([m0, n0], ACT(acc).to(w_desc.dtype))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])
     def _rotary_qk(qkv, cos, sin, out, T, H: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr, BLOCK_T: tl.constexpr):
         """qkv (T, 3, H, 2*HALF), cos/sin (T, 2*HALF) fp32 with equal halves -> out (2, T, H, 2*HALF)."""
         D: tl.constexpr = H * 2 * HALF

@@ -8,7 +8,9 @@ and HTML tables. Imports no torch.
 from __future__ import annotations
 
 import json
+import logging
 import platform
+import time
 from pathlib import Path
 
 import matplotlib
@@ -25,6 +27,7 @@ from .files import read_tsv  # noqa: E402
 from .layout import Layout  # noqa: E402
 from .parquet import column_array, read_metadata  # noqa: E402
 
+log = logging.getLogger(__name__)
 plt.rcParams.update({"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "font.size": 9})
 
 
@@ -251,6 +254,7 @@ def provenance_rows(run: Layout, config: dict | None = None) -> list[dict]:
 def write_report_files(outdir: str | Path, config: dict | None = None) -> None:
     run = Layout(str(outdir))
     Path(run.figure("")).mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
     input_figure(run, run.figure("input.png"))
     _write_table(run.figure("packing.html"), packing_figure(run, run.figure("packing.png")), "Packing per shard")
     _write_table(run.figure("embedding.html"), embedding_figure(run, run.figure("embedding.png")), "Embedding per shard")
@@ -258,3 +262,4 @@ def write_report_files(outdir: str | Path, config: dict | None = None) -> None:
                  "Spot-check: the 20 sequences with the lowest pooled cosine")
     projection_figure(run, run.figure("projection.png"))
     _write_table(run.figure("provenance.html"), provenance_rows(run, config), "Provenance")
+    log.info("figures and tables in %s in %.1f s", run.figure(""), time.perf_counter() - t)

@@ -31,24 +31,17 @@ import torch
 from .. import __version__
 from ..dedup import find_duplicates
 from ..devices import acquire_device
-from ..embed import EmbedResult, Embedder, Outputs
+from ..embed import EmbedResult, Embedder, Outputs, compute_dtype
 from ..files import atomic_path, row_group_rows, sha256, write_json
 from ..model import LoadedModel, load_model
 from ..options import Options
 from ..packing import Plan, build_plan, load_plan, save_plan
-from ..parquet import PARTS_KEY, RUN_KEY, compression, embeddings_table, keys, provenance_of, read_metadata
+from ..parquet import PARTS_KEY, RUN_KEY, column_array, compression, embeddings_table, keys, provenance_of, read_metadata
 from ..resources import chunk_tokens
+from . import spot_check as check
 from .shard import NUCLEOTIDE_COLUMNS, PART_KEY, Shard, sequence_lengths
 
 log = logging.getLogger(__name__)
-
-def compute_dtype(device: str, dtype: str) -> str:
-    """The CPU computes in float32 whatever the configured GPU dtype."""
-    if device == "cpu" and dtype != "float32":
-        log.info("on the CPU: computing in float32 instead of %s", dtype)
-        return "float32"
-    return dtype
-
 
 def process_seconds() -> float | None:
     """Seconds since this process started (Linux), so start-up counts the interpreter and imports too."""
@@ -108,11 +101,13 @@ class _Writer:
     for it, so host memory holds two chunks. Embedding columns are stored uncompressed (floats barely
     compress), so the merge copies them at disk speed when it must copy at all."""
 
-    def __init__(self, chunks: Chunks, tmp: Path, keep_chunks: bool) -> None:
+    def __init__(self, chunks: Chunks, tmp: Path, keep_chunks: bool, sample: list[int] = ()) -> None:
         self.chunks, self.tmp, self.keep_chunks = chunks, tmp, keep_chunks
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="chunk-writer")
         self.pending: Future | None = None
         self.writer: pq.ParquetWriter | None = None
+        self.sample, self.rows = np.asarray(sample, np.int64), 0
+        self.stored: dict[int, np.ndarray] = {}  # the spot-check's rows, as written
 
     def _append(self, table: pa.Table) -> None:
         if self.writer is None:
@@ -128,6 +123,10 @@ class _Writer:
             with atomic_path(self.chunks.path(c)) as part:
                 pq.write_table(table, part, compression="none", row_group_size=row_group_rows(table))
         self._append(table)
+        mine = self.sample[(self.sample >= self.rows) & (self.sample < self.rows + table.num_rows)]
+        if len(mine):
+            self.stored.update(zip(mine.tolist(), column_array(table.take(pa.array(mine - self.rows)), "embedding")))
+        self.rows += table.num_rows
 
     def submit(self, c: int, make_table) -> None:
         """Write chunk ``c`` (``make_table()`` builds its rows) once the previous one is written."""
@@ -196,6 +195,7 @@ def run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, opti
     the duplicates (for the merge) and the job's statistics; ``spot_check``: a TSV path, to spot-check the
     shard in this job."""
     opts, out = options.embedding, Path(out)
+    t0 = time.perf_counter()
     with acquire_device(opts.lock_dir, opts.device) as dev, ThreadPoolExecutor(1, thread_name_prefix="model-to-device") as pool:
         # the model goes onto the device while the parts are read and planned
         loading = pool.submit(_engine, model, dev, options)
@@ -225,8 +225,8 @@ def run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, opti
         finished = {c: m for c in range(n) if (m := chunks.done(c)) is not None}
         todo = [c for c in range(n) if c not in finished]
         shard_tokens = sum(p.tokens for p in the_plan.packs)
-        log.info("%d rows in %d parts, %d duplicates of earlier rows (not embedded), %d packs in %d chunks", shard_t.num_rows,
-                 len(parts), len(dups), len(the_plan.packs), n)
+        log.info("%d rows in %d parts, %d duplicates of earlier rows (not embedded), %d packs in %d chunks (%.2f s)",
+                 shard_t.num_rows, len(parts), len(dups), len(the_plan.packs), n, time.perf_counter() - t0)
         if finished:
             log.info("resuming: %d of %d chunks already done in %s", len(finished), n, chunks.dir)
         loaded, embedder, outputs, t_load, t_device = loading.result()
@@ -234,7 +234,8 @@ def run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, opti
         log.info("ready %.1f s after the process started (imports %.1f s, then checkpoint read %.1f s and onto the device %.1f s): "
                  "%s on %s, %s, attention %s", started or float("nan"), IMPORTED or float("nan"), t_load, t_device, loaded.name, dev,
                  embedder.dtype_name, embedder.backend)
-        with atomic_path(out) as tmp, _Writer(chunks, tmp, keep_chunks=n > 1) as writer:
+        sample = check.sample(shard_t, own, options) if spot_check else []
+        with atomic_path(out) as tmp, _Writer(chunks, tmp, keep_chunks=n > 1, sample=sample) as writer:
             for c in range(n):
                 if c in finished:
                     writer.submit(c, lambda c=c: pq.read_table(chunks.path(c)))
@@ -263,10 +264,10 @@ def run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, opti
             with atomic_path(dups_out) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, dups, allow_pickle=False)
         if spot_check:
-            from . import spot_check as check
-
+            t1 = time.perf_counter()
             stats["spot_check"] = check.run(parts, out, loaded, spot_check, options, embedder=embedder, shard_table=shard_t,
-                                            own=own)
+                                            stored=writer.stored)
+            stats["spot_check_seconds"] = time.perf_counter() - t1
     if stats_out:
         write_json(stats_out, stats)
     log.info("done: %s", json.dumps(stats))

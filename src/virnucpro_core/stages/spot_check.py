@@ -18,14 +18,13 @@ import pyarrow.parquet as pq
 import torch
 
 from ..devices import acquire_device
-from ..embed import Embedder
+from ..embed import Embedder, compute_dtype
 from ..equivalence import Thresholds, compare, cosine, downstream
 from ..files import write_json, write_tsv
 from ..model import LoadedModel, load_model
 from ..options import Options
 from ..packing import Pack, windows
 from ..parquet import read_metadata, take_rows
-from .embed import compute_dtype
 from .shard import Shard, sequence_lengths
 
 log = logging.getLogger(__name__)
@@ -48,28 +47,34 @@ def sample_by_length(lengths: np.ndarray, n: int, n_longest: int = 3) -> np.ndar
     return np.sort(np.unique(take))
 
 
+def sample(shard_t: pa.Table, own: np.ndarray, options: Options) -> list[int]:
+    """The rows to check: a length-stratified sample of those the shard's job embedded (not the duplicates)."""
+    candidates = np.flatnonzero(own)
+    return candidates[sample_by_length(sequence_lengths(shard_t)[candidates], options.spot_check.sample)].tolist()
+
+
 def run(parts: list[str | Path], embeddings: str | Path, model: str | LoadedModel, out: str | Path, options: Options,
-        embedder: Embedder | None = None, shard_table: pa.Table | None = None, own: np.ndarray | None = None) -> dict:
+        embedder: Embedder | None = None, shard_table: pa.Table | None = None, stored: dict[int, np.ndarray] | None = None) -> dict:
     """Write the per-record table to ``out`` (TSV) and a summary next to it (``.json``); raise
     (``on_fail: error``) or warn when a record is below the thresholds. ``parts``: the shard's parts;
     ``embedder``: the embed job's own (the model already on its device), else the model is loaded here;
-    ``shard_table``, ``own``: the shard as that job read it and the rows it embedded (the others are
-    duplicates, filled by the merge; without ``own``, the rows whose embedding is stored)."""
-    opts, long = options.spot_check, options.long_sequences
+    ``shard_table``, ``stored``: the shard as that job read it and the sample's ``embedding`` values as its
+    writer stored them (:func:`sample`); without them, both are read back from the files."""
+    long = options.long_sequences
     shard_t = Shard(parts).table if shard_table is None else shard_table
-    ids = shard_t["id"].to_pylist()
-    if ids != pq.read_table(embeddings, columns=["id"])["id"].to_pylist():
-        raise ValueError(f"{embeddings} does not hold the records of {', '.join(map(str, parts))} in order")
-    if own is None:
+    if stored is None:
+        if shard_t["id"].to_pylist() != pq.read_table(embeddings, columns=["id"])["id"].to_pylist():
+            raise ValueError(f"{embeddings} does not hold the records of {', '.join(map(str, parts))} in order")
         own = ~pq.read_table(embeddings, columns=["embedding"])["embedding"].is_null().to_numpy(zero_copy_only=False)
-    seqs = shard_t["sequence"].to_pylist()
-    candidates = np.flatnonzero(own)
-    rows = candidates[sample_by_length(sequence_lengths(shard_t)[candidates], opts.sample)].tolist()
+        rows = sample(shard_t, own, options)
+        stored = dict(zip(rows, take_rows(embeddings, "embedding", rows)))
+    rows = sorted(stored)
+    ids, seqs = shard_t["id"].to_pylist(), shard_t["sequence"].to_pylist()
+    opts = options.spot_check
     if not rows:  # an empty shard (fewer records than shards)
         write_tsv(out, HEADER, [])
         write_json(Path(out).with_suffix(".json"), {"checked": 0, "failed": 0})
         return {"checked": 0, "failed": 0}
-    stored = dict(zip(rows, take_rows(embeddings, "embedding", rows)))  # the sample only
     loaded = model if isinstance(model, LoadedModel) else load_model(model, options.model_dir)
     with contextlib.ExitStack() as stack:
         if embedder is None:
