@@ -1,17 +1,30 @@
 """Identical sequences embedded once: each row's ``key`` (a 128-bit hash of the residues the model sees,
 written by the shard step) is looked up among the rows before it, in this shard and in every earlier part
-of the input. A row whose key came earlier is a duplicate: it is not embedded, its embedding columns stay
-empty, and the merge fills them from the first row with that key (``(part, row)``), so every record keeps
-its own row, in input order, equal to what the model would have given it.
+of the input. A row whose key came earlier is a duplicate: it is not embedded (its embedding columns hold
+zeros), the embed job lists it with its first row (``(part, row)``) beside its output, and the merge fills
+it from there, so every record keeps its own row, in input order, equal to what the model would have given it.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
 DUPS_DTYPE = np.dtype([("row", "<i8"), ("part", "<i4"), ("part_row", "<i8")])  # a duplicate row -> its first row
+
+
+def dups_path(embeddings: str | Path) -> Path:
+    """The duplicates table the embed job writes beside a shard's embeddings (``shard_0000.dups.npy``)."""
+    p = Path(embeddings)
+    return p.with_name(p.name.removesuffix(".parquet") + ".dups.npy")
+
+
+def read_dups(embeddings: str | Path) -> np.ndarray:
+    """The duplicates of a shard's embeddings (none if the embed job wrote no table)."""
+    p = dups_path(embeddings)
+    return np.load(p) if p.is_file() else np.zeros(0, DUPS_DTYPE)
 
 
 def find_duplicates(keys: np.ndarray, part: np.ndarray, part_row: np.ndarray,

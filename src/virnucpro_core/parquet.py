@@ -10,20 +10,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def fixed_size_list(array: np.ndarray, null: np.ndarray | None = None) -> pa.FixedSizeListArray:
-    """(N, D) float32/float16 array -> fixed_size_list<float>[D] column; ``null``: rows left empty."""
+def fixed_size_list(array: np.ndarray) -> pa.FixedSizeListArray:
+    """(N, D) float32/float16 array -> fixed_size_list<float>[D] column."""
     array = np.ascontiguousarray(array)
-    mask = None if null is None or not null.any() else pa.array(null)
-    return pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1], mask=mask)
+    return pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1])
 
 
-def ragged_list(arrays: list[np.ndarray], null: np.ndarray | None = None) -> pa.ListArray:
-    """Per-residue (L_i, D) arrays -> list<fixed_size_list<float>[D]> column; ``null``: rows left empty."""
+def ragged_list(arrays: list[np.ndarray]) -> pa.ListArray:
+    """Per-residue (L_i, D) arrays -> list<fixed_size_list<float>[D]> column."""
     dim = arrays[0].shape[1] if arrays else 0
     flat = np.concatenate(arrays) if arrays else np.zeros((0, dim), np.float32)
     offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int32)
-    mask = None if null is None or not null.any() else pa.array(null)
-    return pa.ListArray.from_arrays(pa.array(offsets), fixed_size_list(flat), mask=mask)
+    return pa.ListArray.from_arrays(pa.array(offsets), fixed_size_list(flat))
 
 
 def embeddings_table(
@@ -31,13 +29,11 @@ def embeddings_table(
     lengths: np.ndarray,
     columns: dict[str, np.ndarray | list[np.ndarray]],
     metadata: dict,
-    null: np.ndarray | None = None,
 ) -> pa.Table:
-    """Table with ``id`` string, ``length`` int32 and one column per embedding; ``null`` marks rows whose
-    embeddings are not computed here (duplicates, filled by the merge)."""
+    """Table with ``id`` string, ``length`` int32 and one column per embedding."""
     data = {"id": pa.array(ids, pa.string()), "length": pa.array(np.asarray(lengths), pa.int32())}
     for name, values in columns.items():
-        data[name] = ragged_list(values, null) if isinstance(values, list) else fixed_size_list(values, null)
+        data[name] = ragged_list(values) if isinstance(values, list) else fixed_size_list(values)
     table = pa.table(data)
     return table.replace_schema_metadata({"virnucpro": json.dumps(metadata, sort_keys=True)})
 

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .. import __version__
-from ..dedup import find_duplicates
+from ..dedup import DUPS_DTYPE, find_duplicates
 from ..devices import acquire_device
 from ..embed import EmbedResult, Embedder, Outputs, compute_dtype
 from ..files import atomic_path, row_group_rows, sha256, write_json
@@ -168,17 +168,17 @@ def embedded_residues(lengths: np.ndarray, options: Options) -> np.ndarray:
     return np.minimum(lengths, long.max_residues) if long.policy == "truncate" else lengths
 
 
-def _chunk_table(shard_t: pa.Table, lo: int, hi: int, result: EmbedResult, own: np.ndarray, options: Options,
-                 meta: dict) -> pa.Table:
+def _chunk_table(shard_t: pa.Table, lo: int, hi: int, result: EmbedResult, options: Options, meta: dict) -> pa.Table:
     """Rows ``lo:hi`` of the shard: ``id``, ``length``, ``embedded_residues`` (fewer than ``length``: truncated),
-    the embedding columns (empty for a duplicate, filled by the merge) and, for nucleotide input, where each
+    the embedding columns (zeros, or an empty list, for a duplicate: filled by the merge; not null, which
+    some pyarrow versions cannot read back as a fixed-size list) and, for nucleotide input, where each
     protein comes from."""
     np_dtype = {"float32": np.float32, "float16": np.float16}[options.embedding.output_dtype]
     rows = shard_t.slice(lo, hi - lo)
     columns: dict = {c: v.astype(np_dtype) for c, v in result.pooled.items()}
     columns.update({c: [a.astype(np_dtype) for a in v] for c, v in result.per_residue.items()})
     lengths = sequence_lengths(rows)
-    table = embeddings_table(rows["id"].to_pylist(), lengths, columns, meta, null=~own[lo:hi])
+    table = embeddings_table(rows["id"].to_pylist(), lengths, columns, meta)
     table = table.add_column(2, "embedded_residues", pa.array(embedded_residues(lengths, options), pa.int32()))
     for col in NUCLEOTIDE_COLUMNS:
         if col in rows.column_names:
@@ -248,7 +248,7 @@ def run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, opti
                 result.stats["startup_seconds"] = started if c == todo[0] else None
                 meta = provenance(loaded, outputs, embedder.dtype_name, opts.output_dtype, result.stats, shard)
                 writer.submit(c, lambda lo=lo, hi=hi, result=result, meta=meta:
-                              _chunk_table(shard_t, lo, hi, result, own, options, meta))
+                              _chunk_table(shard_t, lo, hi, result, options, meta))
                 finished[c] = result.stats
                 done = sum(finished[k]["tokens"] for k in finished)
                 log.info("chunk %d/%d done: %d tokens of the shard, %.0f tokens/s, ETA %.0f s", c + 1, n, done,
@@ -277,8 +277,6 @@ def run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, opti
 def _duplicates(shard: Shard, earlier: list[str | Path], options: Options) -> tuple[np.ndarray, np.ndarray, str]:
     """Rows to embed, the duplicates, and a digest of the earlier parts' keys (they decide which rows are duplicates)."""
     if not options.embedding.deduplicate:
-        from ..dedup import DUPS_DTYPE
-
         return np.ones(shard.table.num_rows, bool), np.zeros(0, DUPS_DTYPE), ""
     digest = hashlib.sha256()
     before = []

@@ -37,7 +37,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from .. import claim
-from ..dedup import DUPS_DTYPE
+from ..dedup import read_dups
 from ..files import atomic_path, remove_stale, umask, write_json, write_tsv
 from ..layout import Layout
 from ..options import Options
@@ -48,12 +48,6 @@ from .shard import SKIPPED_COLUMNS, part_paths
 log = logging.getLogger(__name__)
 
 BLOCK = 8 << 20  # bytes of input hashed at a time
-
-
-def dups_path(embeddings: str | Path) -> Path:
-    """The duplicates table the embed job writes beside a shard's embeddings."""
-    p = Path(embeddings)
-    return p.with_name(p.name.removesuffix(".parquet") + ".dups.npy")
 
 
 def check_inputs(parts: list[dict]) -> dict[str, str]:
@@ -106,8 +100,7 @@ class _Shard:
         self.kv = kv
         self.meta = provenance_of(kv)
         self.shard_dir = shard_dir
-        dups = dups_path(path)
-        self.dups = np.load(dups) if dups.is_file() else np.zeros(0, DUPS_DTYPE)
+        self.dups = read_dups(path)
         self.drop = np.zeros(self.rows, bool)
 
     def check_ids(self) -> None:

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ..devices import acquire_device
+from ..dedup import read_dups
 from ..embed import Embedder, compute_dtype
 from ..equivalence import Thresholds, compare, cosine, downstream
 from ..files import write_json, write_tsv
@@ -65,7 +66,8 @@ def run(parts: list[str | Path], embeddings: str | Path, model: str | LoadedMode
     if stored is None:
         if shard_t["id"].to_pylist() != pq.read_table(embeddings, columns=["id"])["id"].to_pylist():
             raise ValueError(f"{embeddings} does not hold the records of {', '.join(map(str, parts))} in order")
-        own = ~pq.read_table(embeddings, columns=["embedding"])["embedding"].is_null().to_numpy(zero_copy_only=False)
+        own = np.ones(shard_t.num_rows, bool)
+        own[read_dups(embeddings)["row"]] = False  # duplicates: not computed in this shard
         rows = sample(shard_t, own, options)
         stored = dict(zip(rows, take_rows(embeddings, "embedding", rows)))
     rows = sorted(stored)
