@@ -40,15 +40,18 @@ def records(rng, n_unique=60, copies=3):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shards, layers", [(1, ()), (3, ()), (3, (1,))], ids=["one-shard", "three-shards", "per-residue"])
-def test_deduplicated_output_equals_the_output_without(tmp_path, rng, shards, layers):
+@pytest.mark.parametrize("shards, layers, chunk", [(1, (), 16_000_000), (1, (), 4096), (3, (), 4096), (3, (1,), 16_000_000)],
+                         ids=["one-shard", "one-shard-in-chunks", "three-shards", "per-residue"])
+def test_deduplicated_output_equals_the_output_without(tmp_path, rng, shards, layers, chunk):
+    """Duplicates within a chunk, in a later chunk of the shard (filled by the embed job) and in a later shard
+    (filled by the merge)."""
     seqs = records(rng)
     p = tmp_path / "dups.faa"
     p.write_text("".join(f">r{i}\n{s}\n" for i, s in enumerate(seqs)))
     runs = {}
     for dedup in (True, False):
         opts = cpu_options(tmp_path, shards=shards, **{"embedding.deduplicate": dedup, "embedding.per_residue_layers": layers,
-                                                        "spot_check.sample": 4})
+                                                        "spot_check.sample": 4, "packing.chunk_tokens": chunk})
         runs[dedup] = run_stages(tmp_path / f"dedup-{dedup}", [p], opts, MODEL)
     (s_on, r_on), (s_off, r_off) = runs[True], runs[False]
     a, b = pq.read_table(r_on.embeddings), pq.read_table(r_off.embeddings)
@@ -61,3 +64,7 @@ def test_deduplicated_output_equals_the_output_without(tmp_path, rng, shards, la
     assert sum(s["tokens"] for s in stats) < sum(json.loads(Path(r_off.shard_stats(f"shard_{k:04d}")).read_text())["tokens"]
                                                 for k in range(shards))
     assert not column_array(a, "embedding").std(0).min() == 0
+    remote = sum(len(np.load(r_on.shard_dups(f"shard_{k:04d}"))) for k in range(shards))  # left to the merge
+    assert (remote > 0) == (shards > 1)
+    if shards == 1:
+        assert s_on["shards"] == {"linked": 1}  # filled in the embed job: the merge moves the file, no copy

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .. import __version__
-from ..dedup import DUPS_DTYPE, find_duplicates
+from ..dedup import DUPS_DTYPE, LocalFill, find_duplicates
 from ..devices import acquire_device
 from ..embed import EmbedResult, Embedder, Outputs, compute_dtype
 from ..files import atomic_path, row_group_rows, sha256, write_json
@@ -96,13 +96,14 @@ class Chunks:
 
 
 class _Writer:
-    """One thread writes finished chunks in row order while the GPU computes: each to its chunk file
-    (uncompressed: only a rerun reads it) and appended to ``out``'s temporary file. At most one chunk waits
-    for it, so host memory holds two chunks. Embedding columns are stored uncompressed (floats barely
-    compress), so the merge copies them at disk speed when it must copy at all."""
+    """One thread writes finished chunks in row order while the GPU computes: duplicates of earlier rows of
+    the shard filled, each to its chunk file (uncompressed: only a rerun reads it; none for the last) and
+    appended to ``out``'s temporary file. At most one chunk waits for it, so host memory holds two chunks.
+    Embedding columns are stored uncompressed (floats barely compress), so the merge copies them at disk
+    speed when it must copy at all."""
 
-    def __init__(self, chunks: Chunks, tmp: Path, keep_chunks: bool, sample: list[int] = ()) -> None:
-        self.chunks, self.tmp, self.keep_chunks = chunks, tmp, keep_chunks
+    def __init__(self, chunks: Chunks, tmp: Path, n_chunks: int, fill: LocalFill, sample: list[int] = ()) -> None:
+        self.chunks, self.tmp, self.n_chunks, self.fill = chunks, tmp, n_chunks, fill
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="chunk-writer")
         self.pending: Future | None = None
         self.writer: pq.ParquetWriter | None = None
@@ -118,8 +119,8 @@ class _Writer:
         self.writer.write_table(table.replace_schema_metadata(self.writer.schema.metadata), row_group_size=row_group_rows(table))
 
     def _write(self, c: int, make_table) -> None:
-        table = make_table()
-        if self.keep_chunks:
+        table = self.fill(make_table(), self.rows)  # duplicates of earlier rows of the shard, filled
+        if c < self.n_chunks - 1 and not self.chunks.path(c).is_file():  # the last one: nothing left to resume
             with atomic_path(self.chunks.path(c)) as part:
                 pq.write_table(table, part, compression="none", row_group_size=row_group_rows(table))
         self._append(table)
@@ -170,13 +171,13 @@ def embedded_residues(lengths: np.ndarray, options: Options) -> np.ndarray:
 
 def _chunk_table(shard_t: pa.Table, lo: int, hi: int, result: EmbedResult, options: Options, meta: dict) -> pa.Table:
     """Rows ``lo:hi`` of the shard: ``id``, ``length``, ``embedded_residues`` (fewer than ``length``: truncated),
-    the embedding columns (zeros, or an empty list, for a duplicate: filled by the merge; not null, which
-    some pyarrow versions cannot read back as a fixed-size list) and, for nucleotide input, where each
-    protein comes from."""
+    the embedding columns (zeros, or an empty list, for a duplicate: filled by the writer, or by the merge if
+    its first row is in an earlier shard; not null, which some pyarrow versions cannot read back as a
+    fixed-size list) and, for nucleotide input, where each protein comes from."""
     np_dtype = {"float32": np.float32, "float16": np.float16}[options.embedding.output_dtype]
     rows = shard_t.slice(lo, hi - lo)
-    columns: dict = {c: v.astype(np_dtype) for c, v in result.pooled.items()}
-    columns.update({c: [a.astype(np_dtype) for a in v] for c, v in result.per_residue.items()})
+    columns: dict = {c: v.astype(np_dtype, copy=False) for c, v in result.pooled.items()}
+    columns.update({c: [a.astype(np_dtype, copy=False) for a in v] for c, v in result.per_residue.items()})
     lengths = sequence_lengths(rows)
     table = embeddings_table(rows["id"].to_pylist(), lengths, columns, meta)
     table = table.add_column(2, "embedded_residues", pa.array(embedded_residues(lengths, options), pa.int32()))
@@ -202,6 +203,9 @@ def run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, opti
         shard = Shard(parts)
         shard_t = shard.table
         own, dups, earlier_digest = _duplicates(shard, earlier, options)
+        start = dict(zip((i["index"] for i in shard.info), np.cumsum([0, *shard.rows[:-1]]).tolist()))  # part -> first row
+        local = np.isin(dups["part"], list(start))
+        fill = LocalFill(dups[local], np.array([start[p] for p in dups["part"][local].tolist()], np.int64) + dups["part_row"][local])
         lengths = sequence_lengths(shard_t) if shard_t.num_rows else np.zeros(0, np.int64)
         long = options.long_sequences
         if plan:  # followed as it is: every row it plans is embedded
@@ -235,7 +239,7 @@ def run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, opti
                  "%s on %s, %s, attention %s", started or float("nan"), IMPORTED or float("nan"), t_load, t_device, loaded.name, dev,
                  embedder.dtype_name, embedder.backend)
         sample = check.sample(shard_t, own, options) if spot_check else []
-        with atomic_path(out) as tmp, _Writer(chunks, tmp, keep_chunks=n > 1, sample=sample) as writer:
+        with atomic_path(out) as tmp, _Writer(chunks, tmp, n, fill, sample=sample) as writer:
             for c in range(n):
                 if c in finished:
                     writer.submit(c, lambda c=c: pq.read_table(chunks.path(c)))
@@ -260,9 +264,9 @@ def run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, opti
                      **{k: finished[todo[0]][k] if todo else None for k in ("startup_seconds", "first_pack_seconds")}}
             writer.close({RUN_KEY: json.dumps(stats, sort_keys=True), PARTS_KEY: json.dumps(shard.describe())})
         shutil.rmtree(chunks.dir)
-        if dups_out:
+        if dups_out:  # the duplicates of earlier shards' rows, for the merge to fill
             with atomic_path(dups_out) as tmp, open(tmp, "wb") as fh:
-                np.save(fh, dups, allow_pickle=False)
+                np.save(fh, dups[~local], allow_pickle=False)
         if spot_check:
             t1 = time.perf_counter()
             stats["spot_check"] = check.run(parts, out, loaded, spot_check, options, embedder=embedder, shard_table=shard_t,

@@ -7,9 +7,10 @@ wrote (their SHA-256) and hold their ids in order, and per input file, records i
 skipped. Then the embeddings are moved, not copied: a shard's file already has the output's columns, so a
 dataset part is the shard's file itself (a hard link; the workflow removes the shard's name afterwards) and
 so is the single file of a one-shard run. A shard is rewritten only where it must change: rows of records
-whose id an earlier part already used are dropped, and rows of duplicate sequences (:mod:`..dedup`) are
-filled from their first row. Those fills stream: each source row is read once and spilled to its shard's
-fill file (Arrow IPC, memory-mapped back), so memory holds a row group, never the output. A single-file
+whose id an earlier part already used are dropped, and rows of duplicate sequences (:mod:`..dedup`) whose
+first row is in an earlier shard are filled from it (the embed job fills those of its own shard). Those
+fills stream: each source row is read once and spilled to its shard's fill file (Arrow IPC, memory-mapped
+back), so memory holds a row group, never the output. A single-file
 output of several shards is their concatenation, at disk speed (the embedding columns are stored
 uncompressed). Any failure stops the merge before the output is renamed into place.
 """
@@ -37,11 +38,11 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from .. import claim
-from ..dedup import read_dups
+from ..dedup import embedding_columns, fill_rows, read_dups
 from ..files import atomic_path, remove_stale, umask, write_json, write_tsv
 from ..layout import Layout
 from ..options import Options
-from ..parquet import PARTS_KEY, compression, provenance_of
+from ..parquet import PARTS_KEY, RUN_KEY, compression, provenance_of
 from ..parts import part_name
 from .shard import SKIPPED_COLUMNS, part_paths
 
@@ -190,13 +191,8 @@ def _write_shard(shard: _Shard, writer: pq.ParquetWriter, fill: Path | None, col
         t = shard.file.read_row_group(g)
         n = t.num_rows
         a, b = np.searchsorted(dst, first), np.searchsorted(dst, first + n)
-        if b > a:  # rows [first, first + n) that are filled: take them from the fill table instead
-            fills = filled.take(pa.array(order[a:b]))
-            index = np.arange(n)
-            index[dst[a:b] - first] = n + np.arange(b - a)
-            cols = {c: pa.concat_arrays([t[c].combine_chunks(), fills[c].combine_chunks()]).take(pa.array(index)) if c in columns
-                    else t[c] for c in t.column_names}
-            t = pa.table(cols, schema=t.schema)
+        if b > a:  # rows [first, first + n) that are duplicates: filled from their first rows
+            t = fill_rows(t, dst[a:b] - first, filled.select(columns).take(pa.array(order[a:b])))
         keep = ~shard.drop[first : first + n]
         if not keep.all():
             t = t.filter(pa.array(keep))
@@ -267,7 +263,7 @@ def run(manifest: str | Path, skipped: str | Path, embeddings: list[str], spot_c
     placed = Counter()
     try:
         schema = shards[0].file.schema_arrow
-        columns = [f.name for f in schema if pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type)]
+        columns = embedding_columns(schema)
         fills = _spill(shards, part_shard, columns, tmp_dir)
         if layout == "file" and len(shards) == 1 and not shards[0].changes:
             placed[_place(shards[0].path, tmp_dir / "embeddings.parquet")] += 1
@@ -304,7 +300,7 @@ def run(manifest: str | Path, skipped: str | Path, embeddings: list[str], spot_c
         "records_in": sum(f["records"] for f in man["inputs"]),
         "embedded": n_rows,
         "embedded_input_records": sum(records.values()),
-        "filled_from_duplicates": sum(len(s.dups) for s in shards),
+        "filled_from_duplicates": sum(json.loads(s.kv.get(RUN_KEY, b"{}")).get("duplicates", 0) for s in shards),
         "skipped": sum(skipped_per_file.values()),
         "skipped_by_reason": dict(reasons.most_common()),
         "truncated": {"records": truncated, "residues_not_embedded": lost},
