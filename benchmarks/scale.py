@@ -143,7 +143,7 @@ def parallel_shard(work: Path, reads: Path, proteins: Path) -> list[dict]:
 
 def synthetic_embeddings(parts: list[str], out: str, dim: int, rows_per_group: int = 20_000) -> None:
     """A shard's embeddings file as the embed job writes it (columns, compression, footer), random values."""
-    from virnucpro_core.parquet import PARTS_KEY, compression, embeddings_table
+    from virnucpro_core.parquet import PARTS_KEY, embeddings_table, writer_options
     from virnucpro_core.stages.shard import Shard, sequence_lengths
 
     shard = Shard(parts)
@@ -154,7 +154,7 @@ def synthetic_embeddings(parts: list[str], out: str, dim: int, rows_per_group: i
                                  {"embedding": rng.standard_normal((s.num_rows, dim), dtype=np.float32)}, {"model": "synthetic"})
         table = table.add_column(2, "embedded_residues", pa.array(np.minimum(sequence_lengths(s), 1022), pa.int32()))
         if writer is None:
-            writer = pq.ParquetWriter(out, table.schema, compression=compression(table.schema))
+            writer = pq.ParquetWriter(out, table.schema, **writer_options(table.schema))
         writer.write_table(table)
     writer.add_key_value_metadata({PARTS_KEY: json.dumps(shard.describe())})
     writer.close()

@@ -57,10 +57,10 @@ def run_stages(d, inputs, options, model):
     done = []
     for s in man["shards"]:
         parts = [run.part(p) for p in s["parts"]]
-        embed.run(parts, str(model), run.shard_embeddings(s["name"]), options, earlier=done if options.embedding.deduplicate else [],
+        embed.run(parts, str(model), run.shard_embeddings(s["name"]), options, earlier=done,
                   plan_out=run.plan(s["name"]), dups_out=run.shard_dups(s["name"]), stats_out=run.shard_stats(s["name"]),
                   spot_check=run.spot_check(s["name"]))
-        done += parts
+        done += [run.part(p, "keys") for p in s["parts"]]
     embeddings = [run.shard_embeddings(s["name"]) for s in man["shards"]]
     spots = [run.spot_check(s["name"]) for s in man["shards"]]
     return merge.run(run.manifest, run.shard_skipped, embeddings, spots, d, options), run

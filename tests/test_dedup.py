@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import cpu_options, random_protein, run_stages
-from virnucpro_core.dedup import find_duplicates
+from virnucpro_core.dedup import DUPS_DTYPE, LocalFill, distinct_keys, find_duplicates
 from virnucpro_core.parquet import column_array
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,10 +22,33 @@ def key(i: int) -> bytes:
 def test_each_duplicate_points_at_the_first_row_with_its_key():
     keys = np.array([key(k) for k in (5, 1, 5, 2, 1, 9, 5)], dtype="V16")
     part, part_row = np.array([3, 3, 3, 4, 4, 4, 4]), np.array([0, 1, 2, 0, 1, 2, 3])
-    earlier = [(1, np.array([key(7), key(2)], dtype="V16")), (2, np.array([key(9), key(2)], dtype="V16"))]
+    earlier = [(1, distinct_keys(np.array([key(7), key(2), key(7)], dtype="V16"))),
+               (2, distinct_keys(np.array([key(9), key(2)], dtype="V16")))]
     own, dups = find_duplicates(keys, part, part_row, earlier)
     assert own.tolist() == [True, True, False, False, False, False, False]
     assert dups.tolist() == [(2, 3, 0), (3, 1, 1), (4, 3, 1), (5, 2, 0), (6, 3, 0)]
+
+
+def test_duplicates_in_later_chunks_are_filled_from_kept_rows_also_after_a_resume():
+    rng = np.random.default_rng(0)
+    first = np.array([0, 1, 2, 0, 4, 1, 2, 4, 0, 9])  # each row's first row in the shard (itself if none before)
+    values = rng.standard_normal((10, 4)).astype(np.float32)
+    want = values[first]
+    dups = np.zeros(int((first != np.arange(10)).sum()), DUPS_DTYPE)
+    dups["row"] = np.flatnonzero(first != np.arange(10))
+    for resumed in (False, True):
+        fill, got = LocalFill(dups, first[dups["row"]]), []
+        for lo, hi in ((0, 4), (4, 7), (7, 10)):  # three chunks
+            chunk = {"embedding": np.where((first != np.arange(10))[lo:hi, None], 0, values[lo:hi]),
+                     "per_residue_l1": [np.full((2, 4), float(i)) if first[i] == i else np.zeros((0, 4)) for i in range(lo, hi)]}
+            if resumed and lo == 0:  # read back, already filled: only its rows for later chunks are kept
+                chunk = {"embedding": want[:4].copy(), "per_residue_l1": [np.full((2, 4), float(first[i])) for i in range(4)]}
+                fill.keep(chunk, lo, hi - lo)
+            else:
+                fill(chunk, lo, hi - lo)
+            got.append(chunk)
+        np.testing.assert_array_equal(np.concatenate([c["embedding"] for c in got]), want)
+        assert [float(a[0, 0]) for c in got for a in c["per_residue_l1"]] == first.astype(float).tolist()
 
 
 def records(rng, n_unique=60, copies=3):

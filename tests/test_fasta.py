@@ -131,7 +131,7 @@ def test_nucleotide_file_warns(tmp_path, caplog):
     assert "looks like a nucleotide file" in caplog.text
 
 
-def test_shards_stream_contiguous_balanced_and_deterministic(tmp_path):
+def test_shards_are_contiguous_balanced_and_deterministic(tmp_path):
     import pyarrow.parquet as pq
 
     from virnucpro_core.options import Options
@@ -141,18 +141,16 @@ def test_shards_stream_contiguous_balanced_and_deterministic(tmp_path):
     lengths = rng.integers(30, 1500, 1000).tolist()
     p = write(tmp_path, "in.faa", "".join(f">r{i}\n{'M' * n}\n" for i, n in enumerate(lengths)))
     man = shard.run([str(p)], tmp_path / "a", Options(shards=7))
-    assert man["shards"] == 7 and sum(man["shard_records"]) == 1000
-    tables = [pq.read_table(tmp_path / f"a/shard_{i:04d}.parquet") for i in range(7)]
-    assert [t.num_rows for t in tables] == man["shard_records"]
-    assert [x for t in tables for x in t["order"].to_pylist()] == list(range(1000))  # contiguous, input order
-    sums = [sum(len(s) for s in t["sequence"].to_pylist()) for t in tables]
-    assert max(sums) - min(sums) <= 2 * max(lengths)
+    assert len(man["shards"]) == 7 and sum(s["rows"] for s in man["shards"]) == 1000
+    rows = [[pq.read_table(tmp_path / f"a/{n}.parquet") for n in s["parts"]] for s in man["shards"]]
+    ids = [i for shard_rows in rows for t in shard_rows for i in t["id"].to_pylist()]
+    assert ids == [f"r{i}" for i in range(1000)]  # contiguous, input order
+    sums = [sum(len(x) for t in shard_rows for x in t["sequence"].to_pylist()) for shard_rows in rows]
+    assert max(sums) - min(sums) <= 2 * max(lengths)  # balanced by bytes: within a record or two
     again = shard.run([str(p)], tmp_path / "b", Options(shards=7))
-    assert again["shard_records"] == man["shard_records"]
-    by_size = shard.run([str(p)], tmp_path / "c", Options(residues_per_shard=100_000))  # shards: null, no first pass
-    assert by_size["shards"] == -(-sum(lengths) // 100_000) and sum(by_size["shard_records"]) == 1000
-
-
+    assert again["shards"] == man["shards"] and again["parts"] == man["parts"]
+    by_size = shard.run([str(p)], tmp_path / "c", Options(residues_per_shard=100_000))  # estimated from the bytes
+    assert len(by_size["shards"]) == -(-p.stat().st_size // 100_000) and by_size["rows"] == 1000
 
 
 # ------------------------------------------------------------------ the reference: the line-based reader, as it was

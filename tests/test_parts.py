@@ -51,6 +51,8 @@ def test_parts_cover_each_file_once_and_shards_are_consecutive_parts(tmp_path, r
     groups = shards(parts)
     assert len(groups) == 2 and [len(g) for g in groups] == [4, 4]
     assert plan_parts([str(a)], Options(), gpus=3)[-1].shard == 2  # one shard per GPU at least
+    five = plan_parts([str(a)], Options(residues_per_shard=a.stat().st_size // 4), gpus=3)
+    assert five[-1].shard + 1 == 6  # 5 shards by size, rounded up to a multiple of the GPUs
 
 
 @pytest.mark.parametrize("kind", ["plain", "gzip", "multi-member gzip"])

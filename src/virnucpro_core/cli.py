@@ -65,7 +65,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("embed", help="packed ESM-2 embeddings of one shard")
     s.add_argument("parts", nargs="+", metavar="PART", help="the shard's parts (part_NNNNN.parquet), in order")
     s.add_argument("--plan", help="follow this plan (default: plan here, leaving out duplicates of earlier rows)")
-    s.add_argument("--earlier", nargs="*", default=[], metavar="PART", help="the parts before this shard, for de-duplication")
+    s.add_argument("--earlier", nargs="*", default=[], metavar="KEYS",
+                   help="the keys files (part_NNNNN.keys.npy) of the parts before this shard, for de-duplication")
     s.add_argument("--model", required=True, help=PATH_KEYS["model"]["doc"])
     s.add_argument("--out", required=True)
     s.add_argument("--dups", help="write the duplicate rows (for the merge) to this .npy")

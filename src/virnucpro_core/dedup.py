@@ -14,6 +14,15 @@ import numpy as np
 import pyarrow as pa
 
 DUPS_DTYPE = np.dtype([("row", "<i8"), ("part", "<i4"), ("part_row", "<i8")])  # a duplicate row -> its first row
+KEYS_DTYPE = np.dtype([("key", "V16"), ("row", "<i8")])  # a part's distinct keys, sorted, each with its first row
+
+
+def distinct_keys(keys: np.ndarray) -> np.ndarray:
+    """A part's keys as :data:`KEYS_DTYPE`: each distinct key once, sorted, with the first row that has it."""
+    unique, first = np.unique(keys, return_index=True)
+    out = np.zeros(len(unique), KEYS_DTYPE)
+    out["key"], out["row"] = unique, first
+    return out
 
 
 def dups_path(embeddings: str | Path) -> Path:
@@ -31,8 +40,9 @@ def read_dups(embeddings: str | Path) -> np.ndarray:
 def find_duplicates(keys: np.ndarray, part: np.ndarray, part_row: np.ndarray,
                     earlier: Iterable[tuple[int, np.ndarray]] = ()) -> tuple[np.ndarray, np.ndarray]:
     """``keys`` (16-byte values) of a shard's rows, with the part and the row within it of each; ``earlier``:
-    (part, keys) of the parts before the shard, in input order. Returns the rows to embed (a mask) and the
-    duplicates (``DUPS_DTYPE``: row in the shard, part and row of the first row with the same key)."""
+    (part, :func:`distinct_keys` of its rows) for the parts before the shard, in input order. Returns the rows
+    to embed (a mask) and the duplicates (``DUPS_DTYPE``: row in the shard, part and row of the first row with
+    the same key)."""
     unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
     src_part = np.full(len(unique), -1, np.int64)
     src_row = np.zeros(len(unique), np.int64)
@@ -40,10 +50,9 @@ def find_duplicates(keys: np.ndarray, part: np.ndarray, part_row: np.ndarray,
         todo = np.flatnonzero(src_part < 0)
         if not len(todo) or not len(k):
             continue
-        ku, kfirst = np.unique(k, return_index=True)
-        pos = np.minimum(np.searchsorted(ku, unique[todo]), len(ku) - 1)
-        hit = ku[pos] == unique[todo]
-        src_part[todo[hit]], src_row[todo[hit]] = p, kfirst[pos[hit]]
+        pos = np.minimum(np.searchsorted(k["key"], unique[todo]), len(k) - 1)
+        hit = k["key"][pos] == unique[todo]
+        src_part[todo[hit]], src_row[todo[hit]] = p, k["row"][pos[hit]]
     here = src_part < 0  # first seen in this shard: at its first row
     src_part[here], src_row[here] = part[first[here]], part_row[first[here]]
     rows = np.arange(len(keys))
@@ -64,7 +73,7 @@ def fill_rows(table: pa.Table, rows: np.ndarray, fills: pa.Table) -> pa.Table:
     copy of each pooled column as numpy, then the rows assigned: memory speed)."""
     rows = np.asarray(rows, np.int64)
     for name in fills.column_names:
-        col, new = table[name].combine_chunks(), fills[name].combine_chunks()
+        col, new = _array(table[name]), _array(fills[name])
         if pa.types.is_fixed_size_list(col.type):
             d = col.type.list_size
             values = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, d).copy()
@@ -78,35 +87,41 @@ def fill_rows(table: pa.Table, rows: np.ndarray, fills: pa.Table) -> pa.Table:
     return table
 
 
+def _array(column: pa.ChunkedArray) -> pa.Array:
+    """One array of a column (combine_chunks copies even a single chunk: seconds for a GB of embeddings)."""
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
 class LocalFill:
-    """The duplicates whose first row is in the same shard, filled as the shard's chunks are written (in order):
-    a chunk's rows that later chunks copy are kept until then (memory: those rows only)."""
+    """The duplicates whose first row is in the same shard, filled as the shard's chunks are written (in order),
+    in the chunk's own arrays before its table is made (no copy of the chunk): a chunk's rows that later
+    chunks copy are kept until then (memory: those rows only)."""
 
     def __init__(self, dups: np.ndarray, first_row: np.ndarray) -> None:
         order = np.argsort(dups["row"], kind="stable")
         self.dst, self.src = dups["row"][order].astype(np.int64), first_row[order].astype(np.int64)
-        self.kept: pa.Table | None = None  # rows of earlier chunks that later chunks copy, with their shard row
-        self.kept_rows = np.zeros(0, np.int64)
+        self.kept: dict[str, dict[int, np.ndarray]] = {}  # column -> shard row -> its value, for later chunks
 
-    def __call__(self, table: pa.Table, lo: int) -> pa.Table:
-        """Chunk ``table`` (shard rows ``lo`` on) with its duplicates of earlier rows of the shard filled."""
-        hi = lo + table.num_rows
-        cols = embedding_columns(table.schema)
-        a, b = np.searchsorted(self.dst, [lo, hi])
-        dst, src = self.dst[a:b], self.src[a:b]
-        if len(dst):
-            here = src >= lo
-            parts = []
-            if (~here).any():  # first rows in earlier chunks, kept for this
-                parts.append((np.flatnonzero(~here), self.kept.select(cols).take(pa.array(np.searchsorted(self.kept_rows, src[~here])))))
-            if here.any():
-                parts.append((np.flatnonzero(here), table.select(cols).take(pa.array(src[here] - lo))))
-            order = np.argsort(np.concatenate([i for i, _ in parts]), kind="stable")
-            fills = pa.concat_tables([t for _, t in parts]).take(pa.array(order))
-            table = fill_rows(table, dst - lo, fills)
-        later = np.unique(self.src[(self.dst >= hi) & (self.src >= lo) & (self.src < hi)])
-        if len(later):  # this chunk's rows that later chunks copy
-            kept = table.select(cols).take(pa.array(later - lo))
-            self.kept = kept if self.kept is None else pa.concat_tables([self.kept, kept])
-            self.kept_rows = np.concatenate([self.kept_rows, later])
-        return table
+    def __call__(self, columns: dict[str, np.ndarray | list[np.ndarray]], lo: int, n: int) -> None:
+        """Fill, in place, chunk ``columns`` (shard rows ``lo`` to ``lo + n``: pooled (n, D) arrays, or per-residue
+        lists of arrays) where a row is a duplicate of an earlier row of the shard."""
+        a, b = np.searchsorted(self.dst, [lo, lo + n])
+        dst, src = self.dst[a:b] - lo, self.src[a:b]
+        here = src >= lo
+        for name, values in columns.items():
+            if isinstance(values, np.ndarray):
+                values[dst[here]] = values[src[here] - lo]
+                if (~here).any():
+                    values[dst[~here]] = np.stack([self.kept[name][r] for r in src[~here].tolist()])
+            else:
+                for d, r in zip(dst.tolist(), src.tolist()):
+                    values[d] = values[r - lo] if r >= lo else self.kept[name][r]
+        self.keep(columns, lo, n)
+
+    def keep(self, columns: dict[str, np.ndarray | list[np.ndarray]], lo: int, n: int) -> None:
+        """Keep the rows of this chunk that later chunks copy (also for a chunk read back on a resume)."""
+        later = np.unique(self.src[(self.dst >= lo + n) & (self.src >= lo) & (self.src < lo + n)])
+        for name, values in columns.items():
+            kept = self.kept.setdefault(name, {})
+            for r in later.tolist():
+                kept[r] = np.array(values[r - lo])

@@ -51,12 +51,12 @@ def extract(model: str, fastas: list[str], outdir: str | Path, options: Options)
     embeddings, checks, done = [], [], []
     for s in man["shards"]:
         name, parts = s["name"], [out.part(p) for p in s["parts"]]
-        embed.run(parts, loaded, out.shard_embeddings(name), options, earlier=done if options.embedding.deduplicate else [],
+        embed.run(parts, loaded, out.shard_embeddings(name), options, earlier=done,
                   plan_out=out.plan(name), dups_out=out.shard_dups(name), stats_out=out.shard_stats(name),
                   spot_check=out.spot_check(name))
         embeddings.append(out.shard_embeddings(name))
         checks.append(out.spot_check(name))
-        done = done + parts
+        done = done + [out.part(p, "keys") for p in s["parts"]]
     summary = merge.run(out.manifest, out.shard_skipped, embeddings, checks, outdir, options)
     for name in (s["name"] for s in man["shards"]):  # one copy of the embeddings: the merged one
         for p in (out.shard_embeddings(name), out.shard_dups(name)):

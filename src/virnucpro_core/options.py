@@ -127,7 +127,7 @@ class Options(_Checked):
     input_parts: int | None = opt(None, "jobs the shard step is cut into (byte ranges of the input files, read at once); "
                                   "null: parts of about 8 MB, at most 64 (more if there are more shards)", minimum=1)
     residues_per_shard: int = opt(100_000_000, "residues per shard when shards is null, estimated from the input's bytes "
-                                  "(about 6 minutes of an H200 at 650M); with --resources gpu=N at least N shards", minimum=1)
+                                  "(about 6 minutes of an H200 at 650M); with --resources gpu=N a multiple of N shards", minimum=1)
     long_sequences: LongSequenceOptions = section(LongSequenceOptions, "sequences over ESM-2's 1022 residues")
     packing: PackingOptions = section(PackingOptions, "packs of sequences for the packed forward")
     embedding: EmbeddingOptions = section(EmbeddingOptions, "what is computed and written, and where")

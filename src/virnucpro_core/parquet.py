@@ -42,9 +42,13 @@ RUN_KEY = b"virnucpro.run"  # a file written as it goes: its run statistics, add
 PARTS_KEY = b"virnucpro.parts"  # the parts a shard's embeddings were computed from: name, rows, SHA-256 of the part file
 
 
-def compression(schema: pa.Schema) -> dict[str, str]:
-    """zstd for ids and small columns, none for the embeddings (floats: little to gain, a copy at disk speed)."""
-    return {f.name: "none" if pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type) else "zstd" for f in schema}
+def writer_options(schema: pa.Schema) -> dict:
+    """ParquetWriter options for an embeddings table: zstd, dictionaries and statistics for ids and the small
+    columns; the embeddings (floats: little to gain) plain, uncompressed and without statistics, so they are
+    written and copied at about disk speed."""
+    small = [f.name for f in schema if not (pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type))]
+    return {"compression": {f.name: "zstd" if f.name in small else "none" for f in schema}, "use_dictionary": small,
+            "write_statistics": small}
 
 
 def provenance_of(kv: dict | None) -> dict:

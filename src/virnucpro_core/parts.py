@@ -50,8 +50,14 @@ def part_name(index: int) -> str:
     return f"part_{index:05d}"
 
 
-# what the shard step writes for a part, beside each other: rows, counts, valid ids, skipped records
-PART_FILES = {"rows": ".parquet", "manifest": ".json", "ids": ".ids.parquet", "skipped": ".skipped.tsv"}
+def part_index(path: str) -> int:
+    """The index of the part a file of the shard step belongs to (``.../part_00012.keys.npy`` -> 12)."""
+    return int(os.path.basename(path).split(".")[0].removeprefix("part_"))
+
+
+# what the shard step writes for a part, beside each other: rows, counts, valid ids, skipped records, and the
+# rows' sequence keys (sorted, each with its first row) for the de-duplication of later shards
+PART_FILES = {"rows": ".parquet", "manifest": ".json", "ids": ".ids.parquet", "skipped": ".skipped.tsv", "keys": ".keys.npy"}
 
 
 def shard_name(index: int) -> str:
@@ -97,16 +103,17 @@ def estimated_residues(path: str, options: Options) -> float:
 def plan_parts(inputs: list[str], options: Options, gpus: int | None = None) -> list[Part]:
     """The parts of ``inputs`` (each file once, in order) and the shard of each.
 
-    Shards: ``options.shards``, else enough for ``residues_per_shard`` residues each and at least one per GPU
-    asked for. Parts: ``options.input_parts``, else about ``PART_BYTES`` each (at most ``MAX_PARTS``), at least
+    Shards: ``options.shards``, else enough for ``residues_per_shard`` residues each, rounded up to a multiple
+    of the GPUs asked for. Parts: ``options.input_parts``, else about ``PART_BYTES`` each (at most ``MAX_PARTS``), at least
     one per shard; each file gets parts in proportion to its estimated residues."""
     files = unique_inputs(inputs)
     est = [estimated_residues(f, options) for f in files]
     total = sum(est) or 1.0
     if options.shards is not None:
         n_shards = options.shards
-    else:
-        n_shards = max(1, math.ceil(total / options.residues_per_shard), gpus or 1)
+    else:  # with GPUs asked for, a multiple of them: every GPU gets as many shards, none waits for the last
+        gpus = max(1, gpus or 1)
+        n_shards = -(-max(1, math.ceil(total / options.residues_per_shard)) // gpus) * gpus
     size = sum(os.path.getsize(f) for f in files)
     wanted = options.input_parts or min(MAX_PARTS, math.ceil(size / PART_BYTES))
     wanted = -(-max(wanted, n_shards) // n_shards) * n_shards  # a multiple of the shards, so they balance

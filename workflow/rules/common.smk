@@ -164,11 +164,12 @@ def shard_parts(wildcards):
     return [L.part(p.name) for p in SHARD[wildcards.shard]]
 
 
-def earlier_parts(wildcards):
-    """With embedding.deduplicate, the parts before the shard: a row whose sequence they hold is not embedded again."""
+def earlier_keys(wildcards):
+    """With embedding.deduplicate, the sequence keys of the parts before the shard: a row whose sequence they
+    hold is not embedded again."""
     if not OPTIONS.embedding.deduplicate:
         return []
-    return [L.part(p.name) for p in PARTS[: SHARD[wildcards.shard][0].index]]
+    return [L.part(p.name, "keys") for p in PARTS[: SHARD[wildcards.shard][0].index]]
 
 
 def per_shard(kind):

@@ -5,7 +5,7 @@ rule embed_shard:
     """
     input:
         parts=shard_parts,
-        earlier=earlier_parts,
+        earlier=earlier_keys,
         model=MODEL_FILE,
     output:
         embeddings=temp(L.shard_embeddings("{shard}")),

@@ -29,14 +29,15 @@ import pyarrow.parquet as pq
 import torch
 
 from .. import __version__
-from ..dedup import DUPS_DTYPE, LocalFill, find_duplicates
+from ..dedup import DUPS_DTYPE, LocalFill, embedding_columns, find_duplicates
 from ..devices import acquire_device
 from ..embed import EmbedResult, Embedder, Outputs, compute_dtype
 from ..files import atomic_path, row_group_rows, sha256, write_json
 from ..model import LoadedModel, load_model
 from ..options import Options
+from ..parts import part_index
 from ..packing import Plan, build_plan, load_plan, save_plan
-from ..parquet import PARTS_KEY, RUN_KEY, column_array, compression, embeddings_table, keys, provenance_of, read_metadata
+from ..parquet import PARTS_KEY, RUN_KEY, column_array, embeddings_table, keys, provenance_of, read_metadata, writer_options
 from ..resources import chunk_tokens
 from . import spot_check as check
 from .shard import NUCLEOTIDE_COLUMNS, PART_KEY, Shard, sequence_lengths
@@ -96,14 +97,13 @@ class Chunks:
 
 
 class _Writer:
-    """One thread writes finished chunks in row order while the GPU computes: duplicates of earlier rows of
-    the shard filled, each to its chunk file (uncompressed: only a rerun reads it; none for the last) and
-    appended to ``out``'s temporary file. At most one chunk waits for it, so host memory holds two chunks.
+    """One thread writes finished chunks in row order while the GPU computes: each to its chunk file
+    (uncompressed: only a rerun reads it; none for the last) and appended to ``out``'s temporary file. At most one chunk waits for it, so host memory holds two chunks.
     Embedding columns are stored uncompressed (floats barely compress), so the merge copies them at disk
     speed when it must copy at all."""
 
-    def __init__(self, chunks: Chunks, tmp: Path, n_chunks: int, fill: LocalFill, sample: list[int] = ()) -> None:
-        self.chunks, self.tmp, self.n_chunks, self.fill = chunks, tmp, n_chunks, fill
+    def __init__(self, chunks: Chunks, tmp: Path, n_chunks: int, sample: list[int] = ()) -> None:
+        self.chunks, self.tmp, self.n_chunks = chunks, tmp, n_chunks
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="chunk-writer")
         self.pending: Future | None = None
         self.writer: pq.ParquetWriter | None = None
@@ -115,18 +115,18 @@ class _Writer:
             meta = provenance_of(table.schema.metadata)
             meta.pop("run", None)  # the whole job's statistics go to the footer at the end
             self.writer = pq.ParquetWriter(self.tmp, table.schema.with_metadata({"virnucpro": json.dumps(meta, sort_keys=True)}),
-                                           compression=compression(table.schema))
+                                           **writer_options(table.schema))
         self.writer.write_table(table.replace_schema_metadata(self.writer.schema.metadata), row_group_size=row_group_rows(table))
 
     def _write(self, c: int, make_table) -> None:
-        table = self.fill(make_table(), self.rows)  # duplicates of earlier rows of the shard, filled
+        table = make_table()
         if c < self.n_chunks - 1 and not self.chunks.path(c).is_file():  # the last one: nothing left to resume
             with atomic_path(self.chunks.path(c)) as part:
                 pq.write_table(table, part, compression="none", row_group_size=row_group_rows(table))
         self._append(table)
         mine = self.sample[(self.sample >= self.rows) & (self.sample < self.rows + table.num_rows)]
         if len(mine):
-            self.stored.update(zip(mine.tolist(), column_array(table.take(pa.array(mine - self.rows)), "embedding")))
+            self.stored.update(zip(mine.tolist(), np.array(column_array(table.take(pa.array(mine - self.rows)), "embedding"))))
         self.rows += table.num_rows
 
     def submit(self, c: int, make_table) -> None:
@@ -169,15 +169,17 @@ def embedded_residues(lengths: np.ndarray, options: Options) -> np.ndarray:
     return np.minimum(lengths, long.max_residues) if long.policy == "truncate" else lengths
 
 
-def _chunk_table(shard_t: pa.Table, lo: int, hi: int, result: EmbedResult, options: Options, meta: dict) -> pa.Table:
+def _chunk_table(shard_t: pa.Table, lo: int, hi: int, result: EmbedResult, options: Options, meta: dict,
+                 fill: LocalFill) -> pa.Table:
     """Rows ``lo:hi`` of the shard: ``id``, ``length``, ``embedded_residues`` (fewer than ``length``: truncated),
-    the embedding columns (zeros, or an empty list, for a duplicate: filled by the writer, or by the merge if
-    its first row is in an earlier shard; not null, which some pyarrow versions cannot read back as a
+    the embedding columns (a duplicate's filled from its first row here if that is in this shard; else zeros,
+    or an empty list, filled by the merge: not null, which some pyarrow versions cannot read back as a
     fixed-size list) and, for nucleotide input, where each protein comes from."""
     np_dtype = {"float32": np.float32, "float16": np.float16}[options.embedding.output_dtype]
     rows = shard_t.slice(lo, hi - lo)
     columns: dict = {c: v.astype(np_dtype, copy=False) for c, v in result.pooled.items()}
     columns.update({c: [a.astype(np_dtype, copy=False) for a in v] for c, v in result.per_residue.items()})
+    fill(columns, lo, hi - lo)  # duplicates of earlier rows of the shard
     lengths = sequence_lengths(rows)
     table = embeddings_table(rows["id"].to_pylist(), lengths, columns, meta)
     table = table.add_column(2, "embedded_residues", pa.array(embedded_residues(lengths, options), pa.int32()))
@@ -187,11 +189,22 @@ def _chunk_table(shard_t: pa.Table, lo: int, hi: int, result: EmbedResult, optio
     return table
 
 
+def _resumed(path: Path, lo: int, fill: LocalFill) -> pa.Table:
+    """A finished chunk read back (filled when it was written); the rows that later chunks copy are kept."""
+    table = pq.read_table(path)
+    cols = embedding_columns(table.schema)
+    fill.keep({c: column_array(table, c) if pa.types.is_fixed_size_list(table.schema.field(c).type)
+               else [column_array(pa.table({c: x.values}), c) for x in table[c].combine_chunks()] for c in cols},
+              lo, table.num_rows)
+    return table
+
+
 def run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, options: Options, *,
         earlier: list[str | Path] = (), plan: str | Path | None = None, plan_out: str | Path | None = None,
         dups_out: str | Path | None = None, stats_out: str | Path | None = None, spot_check: str | Path | None = None) -> dict:
-    """Write the shard's embeddings Parquet ``out`` (rows of ``parts``, in order). ``earlier``: the parts
-    before this shard (with ``embedding.deduplicate``, a row whose sequence one of them holds is a duplicate);
+    """Write the shard's embeddings Parquet ``out`` (rows of ``parts``, in order). ``earlier``: the keys files
+    (``part_NNNNN.keys.npy``) of the parts before this shard (with ``embedding.deduplicate``, a row whose
+    sequence one of them holds is a duplicate);
     ``plan``: a plan to follow instead of planning here; ``plan_out``/``dups_out``/``stats_out``: the plan,
     the duplicates (for the merge) and the job's statistics; ``spot_check``: a TSV path, to spot-check the
     shard in this job."""
@@ -239,10 +252,10 @@ def run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, opti
                  "%s on %s, %s, attention %s", started or float("nan"), IMPORTED or float("nan"), t_load, t_device, loaded.name, dev,
                  embedder.dtype_name, embedder.backend)
         sample = check.sample(shard_t, own, options) if spot_check else []
-        with atomic_path(out) as tmp, _Writer(chunks, tmp, n, fill, sample=sample) as writer:
+        with atomic_path(out) as tmp, _Writer(chunks, tmp, n, sample=sample) as writer:
             for c in range(n):
                 if c in finished:
-                    writer.submit(c, lambda c=c: pq.read_table(chunks.path(c)))
+                    writer.submit(c, lambda c=c: _resumed(chunks.path(c), the_plan.chunks[c], fill))
                     continue
                 lo, hi = the_plan.chunks[c], the_plan.chunks[c + 1]
                 sub = the_plan.chunk(c)
@@ -252,7 +265,7 @@ def run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, opti
                 result.stats["startup_seconds"] = started if c == todo[0] else None
                 meta = provenance(loaded, outputs, embedder.dtype_name, opts.output_dtype, result.stats, shard)
                 writer.submit(c, lambda lo=lo, hi=hi, result=result, meta=meta:
-                              _chunk_table(shard_t, lo, hi, result, options, meta))
+                              _chunk_table(shard_t, lo, hi, result, options, meta, fill))
                 finished[c] = result.stats
                 done = sum(finished[k]["tokens"] for k in finished)
                 log.info("chunk %d/%d done: %d tokens of the shard, %.0f tokens/s, ETA %.0f s", c + 1, n, done,
@@ -282,12 +295,12 @@ def _duplicates(shard: Shard, earlier: list[str | Path], options: Options) -> tu
     """Rows to embed, the duplicates, and a digest of the earlier parts' keys (they decide which rows are duplicates)."""
     if not options.embedding.deduplicate:
         return np.ones(shard.table.num_rows, bool), np.zeros(0, DUPS_DTYPE), ""
-    digest = hashlib.sha256()
+    digest = hashlib.sha256()  # the earlier parts' keys files, named, sized and dated: a rewritten one is another
     before = []
     for p in earlier:
-        k = keys(pq.read_table(p, columns=["key"])["key"])
-        digest.update(k.tobytes())
-        before.append((json.loads(pq.read_metadata(p).metadata[PART_KEY])["index"], k))
+        st = os.stat(p)
+        digest.update(f"{Path(p).name} {st.st_size} {st.st_mtime_ns}\n".encode())
+        before.append((part_index(str(p)), np.load(p, mmap_mode="r")))
     own_keys = keys(shard.table["key"]) if shard.table.num_rows else np.zeros(0, "V16")
     own, dups = find_duplicates(own_keys, shard.part_of_row, shard.row_in_part, before)
     return own, dups, digest.hexdigest()

@@ -42,7 +42,7 @@ from ..dedup import embedding_columns, fill_rows, read_dups
 from ..files import atomic_path, remove_stale, umask, write_json, write_tsv
 from ..layout import Layout
 from ..options import Options
-from ..parquet import PARTS_KEY, RUN_KEY, compression, provenance_of
+from ..parquet import PARTS_KEY, RUN_KEY, provenance_of, writer_options
 from ..parts import part_name
 from .shard import SKIPPED_COLUMNS, part_paths
 
@@ -270,7 +270,7 @@ def run(manifest: str | Path, skipped: str | Path, embeddings: list[str], spot_c
         elif layout == "file":
             meta = {**shards[0].meta, "inputs": [i for s in shards for i in s.meta.get("inputs", [])]}
             file_schema = schema.with_metadata({"virnucpro": json.dumps(meta, sort_keys=True)})
-            with pq.ParquetWriter(tmp_dir / "embeddings.parquet", file_schema, compression=compression(file_schema)) as writer:
+            with pq.ParquetWriter(tmp_dir / "embeddings.parquet", file_schema, **writer_options(file_schema)) as writer:
                 for s in shards:
                     _write_shard(s, writer, fills.get(s.index), columns)
             placed["written"] += len(shards)
@@ -281,7 +281,7 @@ def run(manifest: str | Path, skipped: str | Path, embeddings: list[str], spot_c
                     placed[_place(s.path, dest)] += 1
                     continue
                 part_schema = s.file.schema_arrow.with_metadata({k: v for k, v in s.kv.items() if not k.startswith(b"ARROW")})
-                with pq.ParquetWriter(dest, part_schema, compression=compression(part_schema)) as writer:
+                with pq.ParquetWriter(dest, part_schema, **writer_options(part_schema)) as writer:
                     _write_shard(s, writer, fills.get(s.index), columns)
                 placed["written"] += 1
         for p in tmp_dir.glob("fill-*.arrow"):

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from ..fasta import FastaError, count_headers, header_id, normalise, normalise_nucleotides, parse_record, raw_records
 from ..files import atomic_path, read_tsv, sha256, write_json, write_tsv
 from ..idset import IdTable, id_hash
+from ..dedup import distinct_keys
 from ..nucleotide import translate_batch
 from ..options import Options
 from ..parts import PART_FILES, Part, part_name, plan_parts, shard_name, shards, unique_inputs
@@ -73,10 +74,12 @@ class _Rows:
         self.writer = pq.ParquetWriter(path, self.schema, compression="zstd")
         self.cols: dict[str, list] = {n: [] for n in self.schema.names}
         self.buffered = self.rows = self.residues = 0
+        self.keys: list[bytes] = []  # every row's, for the part's keys file
 
     def add(self, columns: dict[str, list]) -> None:
         for k, v in columns.items():
             self.cols[k].extend(v)
+        self.keys.extend(columns["key"])
         n = sum(map(len, columns["sequence"]))
         self.buffered += n
         self.residues += n
@@ -207,6 +210,8 @@ def run_part(part: Part, out_dir: str | Path, options: Options) -> dict:
     with atomic_path(paths["ids"]) as tmp:
         pq.write_table(ids, tmp, compression="zstd")
     write_tsv(paths["skipped"], PART_SKIPPED_COLUMNS, seen.skipped)
+    with atomic_path(paths["keys"]) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, distinct_keys(np.frombuffer(b"".join(rows.keys), dtype="V16")), allow_pickle=False)
     manifest = {**info, "headers": reader.headers, "records": reader.records, "kept": seen.kept, "skipped": len(seen.skipped),
                 "with_rows": seen.with_rows, "rows": rows.rows, "residues": rows.residues, "input_residues": seen.input_residues,
                 "acgt": seen.acgt, "rows_sha256": sha256(paths["rows"], cache=False)}
