@@ -7,7 +7,7 @@ rule shard:
         manifest=L.part("{part}", "manifest"),
         ids=L.part("{part}", "ids"),
         skipped=L.part("{part}", "skipped"),
-        keys=L.part("{part}", "keys"),
+        sequence_keys=L.part("{part}", "keys"),
     log:
         L.log("shard", "{part}"),
     benchmark:
