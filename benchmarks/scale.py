@@ -7,8 +7,10 @@
 - nucleotide shard: the shard step on those reads, one core, against ``--baseline`` (an older checkout,
   e.g. a ``git worktree`` of the commit before the parts) on the same core, with the proteins compared
   (ids, sequences, order);
-- parallel shard: the shard step on 2 cores (2 parts, ``--jobs 2``) against 1 core (one job per file), for
-  two files, one large plain file and one large gzip file, of reads and of proteins;
+- parallel shard: the shard step on 2 cores (2 parts, ``--jobs 2``) against 1 core (one job per file; one
+  shard, so that the parts are what the cores get), for
+  two files, one large plain file and one large gzip file, of reads (``--parallel-reads``) and of proteins
+  (``--parallel-protein-tokens``);
 - merge: a protein input in 4 shards with synthetic embeddings (64-d and 1280-d float32, written as the embed
   job writes them), merged to a dataset (the shards moved into place) and to one file (copied);
 - protein shard and plan per record: the shard step on ``--records`` proteins, one core, and the plan of the
@@ -116,7 +118,10 @@ def nucleotide_shard(reads: Path, work: Path, baseline: Path | None) -> dict:
     return out
 
 
-def parallel_shard(work: Path, reads: Path, proteins: Path) -> list[dict]:
+def parallel_shard(work: Path, n_reads: int, protein_tokens: int) -> list[dict]:
+    reads, proteins = work / "big-reads.fna", work / "big-proteins.faa"
+    write_reads(reads, n_reads, seed=5)
+    write_proteins(proteins, protein_tokens, seed=6)
     half = work / "reads-b.fna"
     text = reads.read_bytes()
     cut = text.index(b">", len(text) // 2)
@@ -131,8 +136,8 @@ def parallel_shard(work: Path, reads: Path, proteins: Path) -> list[dict]:
              ("proteins, one gzip file", [work / "proteins.faa.gz"], {}, 1)]
     out = []
     for name, files, changes, one_core_parts in cases:
-        one = shard_run(files, work / "p1", 1, input_parts=one_core_parts, **changes)
-        two = shard_run(files, work / "p2", 2, input_parts=2, **changes)
+        one = shard_run(files, work / "p1", 1, input_parts=one_core_parts, shards=1, **changes)
+        two = shard_run(files, work / "p2", 2, input_parts=2, shards=1, **changes)
         same = rows(work / "p1").equals(rows(work / "p2"))
         out.append({"input": name, "bytes": sum(f.stat().st_size for f in files), "one_core": one, "two_cores": two,
                     "speedup": one["seconds"] / two["seconds"], "identical": same})
@@ -225,6 +230,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reads", type=int, default=200_000)
     ap.add_argument("--protein-tokens", type=int, default=100_000_000, help="tokens of the protein input (default 100M)")
+    ap.add_argument("--parallel-reads", type=int, default=1_000_000)
+    ap.add_argument("--parallel-protein-tokens", type=int, default=400_000_000)
     ap.add_argument("--baseline", type=Path, help="an older checkout to compare the nucleotide shard step with")
     ap.add_argument("--work", type=Path, default=Path("/tmp/virnucpro-scale"))
     ap.add_argument("--out")
@@ -249,7 +256,7 @@ def main() -> int:
     print(f"nucleotide shard: {json.dumps(doc['nucleotide_shard'])}", flush=True)
     save()
     print("parallel shard:", flush=True)
-    doc["parallel_shard"] = parallel_shard(work, reads, proteins)
+    doc["parallel_shard"] = parallel_shard(work, args.parallel_reads, args.parallel_protein_tokens)
     save()
     doc["protein_shard"] = protein_shard(proteins, work, n_prot)
     print(f"protein shard: {json.dumps(doc['protein_shard'])}", flush=True)

@@ -137,6 +137,17 @@ def test_every_job_stays_within_the_memory_it_asks_for(run):
 
 
 @pytest.mark.slow
+def test_status_reports_the_finished_run(run):
+    from virnucpro_core.cli import main
+    from virnucpro_core.progress import snapshot
+
+    out, _, _ = run
+    st = snapshot(out)
+    assert st.state == "finished" and st.parts_done == st.parts_total == 4 and [s.state for s in st.shards] == ["done"] * 4
+    assert main(["status", str(out)]) == 0
+
+
+@pytest.mark.slow
 def test_a_finished_run_keeps_one_copy_of_the_embeddings(run):
     out, _, _ = run
     assert (out / "embeddings.parquet").is_dir() and len(list((out / "embeddings.parquet").glob("part-*.parquet"))) == 4
@@ -209,10 +220,13 @@ def test_the_terminal_shows_a_summary_with_warnings_or_the_failing_jobs_own_erro
     nuc = tmp_path / "looks_like_dna.faa"
     nuc.write_text(">n1\nACGTACGTACGTAGCTAGCTAGCATCGATCGATCGA\n>n2\nMKVLAAGGTTCCAAGGTTAACCGGTTAACCGGTT\n")
     res = snakemake("--cores", "2", "--resources", "gpu=2", "--config", f"input={nuc}", f"model={MODEL}",
-                    f"outdir={tmp_path / 'ok'}", locks)
+                    f"outdir={tmp_path / 'ok'}", locks, "progress_seconds=1")
     text = res.stdout + res.stderr
     assert res.returncode == 0, text[-3000:]
-    assert "virnucpro: progress of each embed job" in text and f"{tmp_path / 'ok'}/logs/embed_shard/<shard>.log" in text
+    assert f"virnucpro: the run's progress below (also: virnucpro status {tmp_path / 'ok'})" in text
+    assert f"{tmp_path / 'ok'}/logs/embed_shard/<shard>.log" in text
+    assert re.search(r"virnucpro: \S+ of \S+ tokens .*; shards \d done, \d running of 2; parts \d/2; .* tokens/s; ETA", text)
+    assert not re.search(r"[\r\x1b]", text)  # not a terminal: plain lines, no control characters
     summary = text[text.index("virnucpro: done in"):]
     assert "records in 2: embedded 2, skipped 0" in summary and "truncated records: 0, 0 residues" in summary
     assert "GPUs were asked for (--resources gpu=2) but 2 of 2 embed jobs ran on the CPU" in summary  # one shard per GPU asked for

@@ -47,9 +47,10 @@ def read(outdir: str | Path) -> dict:
         return {}
 
 
-def claim(outdir: str | Path) -> str:
+def claim(outdir: str | Path, plan: dict | None = None) -> str:
     """Claim ``outdir`` for this process until it exits; return the new run id. Raises
-    RuntimeError naming the live run that holds it."""
+    RuntimeError naming the live run that holds it. ``plan``: what the run will do (its parts and shards),
+    recorded with the claim for ``virnucpro status``."""
     d = Path(outdir)
     d.mkdir(parents=True, exist_ok=True)
     fh = open(d / LOCK, "a+")
@@ -72,7 +73,7 @@ def claim(outdir: str | Path) -> str:
               f"{d / CLAIM} guards the outdir" + (f"; taking it over from {_describe(other)}" if other else ""), flush=True)
     run_id = uuid.uuid4().hex[:12]  # a dead run's claim is simply replaced
     info = {"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname(), "cwd": os.getcwd(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "started_epoch": time.time()}
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "started_epoch": time.time(), **({"plan": plan} if plan else {})}
     write_json(d / CLAIM, info)
     _held[str(d)] = fh
     return run_id

@@ -101,6 +101,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--nogpu", action="store_true", help="compute on the CPU")
     _add_options(s, "extract")
 
+    s = sub.add_parser("status", help="how far a run is: per stage done / running / waiting, tokens, rate, ETA, failures",
+                       description="Reads what the run writes under OUTDIR (also a run on a cluster, from the login node).")
+    s.add_argument("outdir", metavar="OUTDIR")
+
     s = sub.add_parser("report", help="figures and tables of a finished run, for snakemake --report")
     s.add_argument("--outdir", required=True, help="the run's outdir")
     s.add_argument("--config", help="the run's configuration (YAML or JSON), recorded in the provenance table")
@@ -157,6 +161,15 @@ def main(argv: list[str] | None = None) -> int:
         print(schema_yaml() if args.schema else markdown_table() if args.markdown else
               yaml.safe_dump(Options().to_dict(), sort_keys=False), end="")
         return 0
+    if args.stage == "status":
+        from .progress import report, snapshot
+
+        if not Path(args.outdir).is_dir():
+            print(f"error: {args.outdir}: no such folder", file=sys.stderr)
+            return 1
+        st = snapshot(args.outdir)
+        print(report(st))
+        return 0 if st.state != "failed" else 1
     _logging()
     if args.stage == "shard":
         from .stages import shard
@@ -235,10 +248,13 @@ def job(smk: Any) -> None:
         name, work = "shard-index", lambda: stage.index([Part(**p) for p in params.parts], Path(o.manifest).parent, options,
                                                         inputs=list(params.inputs))
     elif smk.rule == "embed_shard":
+        from .progress import JobProgress
         from .stages import embed as stage
 
+        progress = JobProgress(params.progress, smk.wildcards.shard)
         name, work = "embed", lambda: stage.run(list(i.parts), i.model, o.embeddings, options, earlier=list(i.earlier),
-                                                plan_out=o.plan, dups_out=o.dups, stats_out=o.stats, spot_check=o.spot_check)
+                                                plan_out=o.plan, dups_out=o.dups, stats_out=o.stats, spot_check=o.spot_check,
+                                                progress=progress)
     elif smk.rule == "merge":
         from .stages import merge as stage
 

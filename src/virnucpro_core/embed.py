@@ -164,10 +164,12 @@ class Embedder:
             self._run(part, first + a, t, c, outputs, sink)
 
     def embed(
-        self, sequences: list[str], plan: Plan, outputs: Outputs, progress_every: float = 30.0, ids: list[str] | None = None
+        self, sequences: list[str], plan: Plan, outputs: Outputs, progress_every: float = 30.0, ids: list[str] | None = None,
+        on_pack=None,
     ) -> EmbedResult:
         """Embed every record of a shard (``sequences`` in shard order) following ``plan``;
-        ``ids`` name records in errors."""
+        ``ids`` name records in errors; ``on_pack(tokens)`` is called after each pack is handed to the device
+        with the tokens handed so far."""
         self._ids = ids
         n_layers = self.packed.num_layers
         columns = outputs.columns(n_layers)
@@ -200,6 +202,8 @@ class Embedder:
                     torch.cuda.synchronize(dev)
                 first_pack_s = time.perf_counter() - t0
             tokens_done += pack.tokens
+            if on_pack is not None:
+                on_pack(tokens_done)
             now = time.perf_counter()
             if now - last > progress_every:
                 if dev.type == "cuda":

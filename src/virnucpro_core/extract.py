@@ -5,6 +5,7 @@ the model is loaded once for every shard."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 from .layout import Layout
 from .model import load_model
 from .options import Options
+from .progress import Bar
 from .stages import embed, merge, shard
 
 log = logging.getLogger(__name__)
@@ -49,14 +51,20 @@ def extract(model: str, fastas: list[str], outdir: str | Path, options: Options)
     man = shard.run(fastas, out.shards, options, jobs=min(8, os.cpu_count() or 1))
     loaded = load_model(model, options.model_dir)
     embeddings, checks, done = [], [], []
-    for s in man["shards"]:
-        name, parts = s["name"], [out.part(p) for p in s["parts"]]
-        embed.run(parts, loaded, out.shard_embeddings(name), options, earlier=done,
-                  plan_out=out.plan(name), dups_out=out.shard_dups(name), stats_out=out.shard_stats(name),
-                  spot_check=out.spot_check(name))
-        embeddings.append(out.shard_embeddings(name))
-        checks.append(out.spot_check(name))
-        done = done + [out.part(p, "keys") for p in s["parts"]]
+    parts_of = {p["name"]: p for p in man["parts"]}
+    rows = {p: json.loads(Path(out.part(p, "manifest")).read_text()) for p in parts_of}
+    bar = Bar({s["name"]: sum(rows[p]["residues"] + 2 * rows[p]["rows"] for p in s["parts"]) for s in man["shards"]})
+    try:
+        for s in man["shards"]:
+            name, parts = s["name"], [out.part(p) for p in s["parts"]]
+            embed.run(parts, loaded, out.shard_embeddings(name), options, earlier=done, plan_out=out.plan(name),
+                      dups_out=out.shard_dups(name), stats_out=out.shard_stats(name), spot_check=out.spot_check(name),
+                      progress=bar.start(name))
+            embeddings.append(out.shard_embeddings(name))
+            checks.append(out.spot_check(name))
+            done = done + [out.part(p, "keys") for p in s["parts"]]
+    finally:
+        bar.close()
     summary = merge.run(out.manifest, out.shard_skipped, embeddings, checks, outdir, options)
     for name in (s["name"] for s in man["shards"]):  # one copy of the embeddings: the merged one
         for p in (out.shard_embeddings(name), out.shard_dups(name)):

@@ -594,9 +594,11 @@ def count_headers(path: str | Path, offset: int) -> int:
     return n
 
 
-def split_points(path: str | Path, n: int) -> list[int]:
-    """Boundaries ``0 = b0 < b1 < ... <= bk = size`` cutting the file into ``k <= n`` byte ranges of about equal
-    size (for gzip, multiples of :data:`GZIP_BLOCK`, so fewer ranges for a small file); ``[0, 0]`` if empty."""
+def split_points(path: str | Path, n: int, inflate_cost: float = 0.0) -> list[int]:
+    """Boundaries ``0 = b0 < b1 < ... <= bk = size`` cutting the file into ``k <= n`` byte ranges (for gzip,
+    multiples of :data:`GZIP_BLOCK`, so fewer ranges for a small file); ``[0, 0]`` if empty. Plain files: ranges
+    of equal size. Gzip: each range's reader also decompresses everything before it, at ``inflate_cost`` of the
+    cost of reading a byte, so the ranges shrink along the file to take about equal time."""
     if n < 1:
         raise ValueError(f"split_points: n must be >= 1, not {n}")
     path = Path(path)
@@ -606,9 +608,14 @@ def split_points(path: str | Path, n: int) -> list[int]:
     if size == 0:
         return [0, 0]
     if size >= 2 and is_gzip(path):
+        # range k ends at x_k (a fraction of the file) and costs inflate_cost * x_k + (x_k - x_(k-1)): equal for
+        # every k when x_k = sum(a^j, j <= k) / sum(a^j, j <= n), a = 1 / (1 + inflate_cost)
+        a = 1 / (1 + inflate_cost)
+        cum = [sum(a**j for j in range(1, k + 1)) for k in range(n + 1)]
         block = GZIP_BLOCK
         blocks = -(-size // block)
-        points = {min(size, (i * blocks // n) * block) for i in range(n + 1)}
+        points = {min(size, int(blocks * cum[k] / cum[n] + 1e-9) * block) for k in range(n + 1)}
+        points |= {0, size}
     else:
         points = {i * size // n for i in range(n + 1)}
     return sorted(points)

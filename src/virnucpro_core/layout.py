@@ -56,6 +56,10 @@ class Layout:
     def shard_stats(self, name: str) -> str:
         return self._p("embeddings", f"{name}.json")
 
+    def progress(self, name: str) -> str:
+        """An embed job's progress as it runs (:mod:`.progress`), replaced every few seconds."""
+        return self._p("progress", f"{name}.json")
+
     def spot_check(self, name: str) -> str:
         return self._p("spot_check", f"{name}.tsv")
 

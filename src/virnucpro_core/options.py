@@ -133,6 +133,8 @@ class Options(_Checked):
     embedding: EmbeddingOptions = section(EmbeddingOptions, "what is computed and written, and where")
     spot_check: SpotCheckOptions = section(SpotCheckOptions, "the per-shard equivalence check against the unpacked model")
     merge: MergeOptions = section(MergeOptions, "the merged output")
+    progress_seconds: int = opt(60, "seconds between the run's progress lines when the output is not a terminal (a "
+                                "cluster's log file, nohup); on a terminal one line is kept up to date", minimum=1)
 
     @classmethod
     def from_dict(cls, data: dict | None, ignore: tuple[str, ...] = ()) -> "Options":

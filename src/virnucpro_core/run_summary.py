@@ -67,5 +67,5 @@ def failure(outdir: str) -> str:
 
 
 def progress_hint(outdir: str) -> str:
-    return (f"virnucpro: progress of each embed job (packs, tokens/s, ETA every 30 s, one line per chunk) in "
+    return (f"virnucpro: the run's progress below (also: virnucpro status {outdir}); each embed job's own log in "
             f"{Path(Layout(outdir).logs) / 'embed_shard'}/<shard>.log")

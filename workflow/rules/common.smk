@@ -6,7 +6,7 @@ from snakemake.utils import validate
 
 # the options and the folder layout come from the core package (both import nothing heavy)
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
-from virnucpro_core import claim, parts, resources, run_summary
+from virnucpro_core import claim, parts, progress, resources, run_summary
 from virnucpro_core.checkpoint import (
     check_for_model,
     find_named,
@@ -93,14 +93,25 @@ def hf_source(wildcards):
 
 
 def claim_outdir():
-    """One run per outdir (virnucpro_core.claim); jobs, also those run elsewhere, inherit the run id."""
+    """One run per outdir (virnucpro_core.claim), with the run's plan for `virnucpro status`; jobs, also those
+    run elsewhere, inherit the run id. Then the run's progress on the terminal, from the files it writes.
+    """
+    global REPORTER
     if claim.ENV not in os.environ:
-        os.environ[claim.ENV] = claim.claim(OPTIONS.outdir)
+        os.environ[claim.ENV] = claim.claim(OPTIONS.outdir, parts.run_plan(PARTS))
     print(run_summary.progress_hint(OPTIONS.outdir))
+    REPORTER = progress.Reporter(
+        OPTIONS.outdir, every_plain=OPTIONS.progress_seconds
+    ).start()
+
+
+REPORTER = None
 
 
 def summarise(ok):
     """The end of the run, in the terminal: what was done and any warnings, or why it failed."""
+    if REPORTER is not None:
+        REPORTER.close()
     if ok:
         print(run_summary.success(OPTIONS.outdir, gpus_asked()))
     else:

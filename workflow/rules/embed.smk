@@ -26,5 +26,7 @@ rule embed_shard:
         gpu=1,
         mem_mb=embed_mem_mb,
         runtime=OPTIONS.embedding.runtime,
+    params:
+        progress=L.progress("{shard}"),
     script:
         STAGE

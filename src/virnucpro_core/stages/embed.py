@@ -36,6 +36,7 @@ from ..files import atomic_path, row_group_rows, sha256, write_json
 from ..model import LoadedModel, load_model
 from ..options import Options
 from ..parts import part_index
+from ..progress import JobProgress
 from ..packing import Plan, build_plan, load_plan, save_plan
 from ..parquet import PARTS_KEY, RUN_KEY, column_array, embeddings_table, keys, provenance_of, read_metadata, writer_options
 from ..resources import chunk_tokens
@@ -201,13 +202,26 @@ def _resumed(path: Path, lo: int, fill: LocalFill) -> pa.Table:
 
 def run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, options: Options, *,
         earlier: list[str | Path] = (), plan: str | Path | None = None, plan_out: str | Path | None = None,
-        dups_out: str | Path | None = None, stats_out: str | Path | None = None, spot_check: str | Path | None = None) -> dict:
+        dups_out: str | Path | None = None, stats_out: str | Path | None = None, spot_check: str | Path | None = None,
+        progress: JobProgress | None = None) -> dict:
     """Write the shard's embeddings Parquet ``out`` (rows of ``parts``, in order). ``earlier``: the keys files
     (``part_NNNNN.keys.npy``) of the parts before this shard (with ``embedding.deduplicate``, a row whose
-    sequence one of them holds is a duplicate);
-    ``plan``: a plan to follow instead of planning here; ``plan_out``/``dups_out``/``stats_out``: the plan,
-    the duplicates (for the merge) and the job's statistics; ``spot_check``: a TSV path, to spot-check the
-    shard in this job."""
+    sequence one of them holds is a duplicate); ``plan``: a plan to follow instead of planning here;
+    ``plan_out``/``dups_out``/``stats_out``: the plan, the duplicates (for the merge) and the job's statistics;
+    ``spot_check``: a TSV path, to spot-check the shard in this job; ``progress``: where the job says how far
+    it is (marked failed if it fails)."""
+    progress = progress or JobProgress(None, Path(out).stem)
+    try:
+        return _run(parts, model, out, options, earlier=earlier, plan=plan, plan_out=plan_out, dups_out=dups_out,
+                    stats_out=stats_out, spot_check=spot_check, progress=progress)
+    except BaseException as exc:
+        progress.update(force=True, state="failed", error=str(exc) or type(exc).__name__)
+        raise
+
+
+def _run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, options: Options, *,
+         earlier: list[str | Path], plan: str | Path | None, plan_out: str | Path | None, dups_out: str | Path | None,
+         stats_out: str | Path | None, spot_check: str | Path | None, progress: JobProgress) -> dict:
     opts, out = options.embedding, Path(out)
     t0 = time.perf_counter()
     with acquire_device(opts.lock_dir, opts.device) as dev, ThreadPoolExecutor(1, thread_name_prefix="model-to-device") as pool:
@@ -242,6 +256,8 @@ def run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, opti
         finished = {c: m for c in range(n) if (m := chunks.done(c)) is not None}
         todo = [c for c in range(n) if c not in finished]
         shard_tokens = sum(p.tokens for p in the_plan.packs)
+        progress.update(force=True, state="running", rows=shard_t.num_rows, duplicates=len(dups), tokens_total=shard_tokens,
+                        chunks=n, chunks_done=len(finished), tokens_done=sum(m["tokens"] for m in finished.values()))
         log.info("%d rows in %d parts, %d duplicates of earlier rows (not embedded), %d packs in %d chunks (%.2f s)",
                  shard_t.num_rows, len(parts), len(dups), len(the_plan.packs), n, time.perf_counter() - t0)
         if finished:
@@ -260,14 +276,18 @@ def run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, opti
                 lo, hi = the_plan.chunks[c], the_plan.chunks[c + 1]
                 sub = the_plan.chunk(c)
                 log.info("chunk %d/%d: records %d-%d, %d packs of <= %d tokens", c + 1, n, lo, hi, len(sub.packs), sub.budget)
+                before, t_chunk = sum(finished[k]["tokens"] for k in finished), time.perf_counter()
                 result = embedder.embed(shard_t["sequence"].slice(lo, hi - lo).to_pylist(), sub, outputs,
-                                        ids=shard_t["id"].slice(lo, hi - lo).to_pylist())
+                                        ids=shard_t["id"].slice(lo, hi - lo).to_pylist(),
+                                        on_pack=lambda t, b=before, t0=t_chunk: progress.update(
+                                            tokens_done=b + t, tokens_per_s=t / max(time.perf_counter() - t0, 1e-9)))
                 result.stats["startup_seconds"] = started if c == todo[0] else None
                 meta = provenance(loaded, outputs, embedder.dtype_name, opts.output_dtype, result.stats, shard)
                 writer.submit(c, lambda lo=lo, hi=hi, result=result, meta=meta:
                               _chunk_table(shard_t, lo, hi, result, options, meta, fill))
                 finished[c] = result.stats
                 done = sum(finished[k]["tokens"] for k in finished)
+                progress.update(force=True, tokens_done=done, chunks_done=len(finished), tokens_per_s=result.stats["tokens_per_s"])
                 log.info("chunk %d/%d done: %d tokens of the shard, %.0f tokens/s, ETA %.0f s", c + 1, n, done,
                          result.stats["tokens_per_s"], (shard_tokens - done) / max(result.stats["tokens_per_s"], 1e-9))
                 del result
@@ -287,6 +307,7 @@ def run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, opti
             stats["spot_check_seconds"] = time.perf_counter() - t1
     if stats_out:
         write_json(stats_out, stats)
+    progress.update(force=True, state="done", tokens_done=stats["tokens"], tokens_per_s=stats["tokens_per_s"])
     log.info("done: %s", json.dumps(stats))
     return stats
 
