@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "spot-check":
         from .stages import spot_check
 
-        return _run("spot-check", lambda: spot_check.run(args.parts, args.embeddings, args.model, args.out, options_from_args(args)))
+        return _run("spot-check", lambda: spot_check.run(args.parts, args.embeddings, args.model, args.out,
+                                                         options_from_args(args)))
     if args.stage == "merge":
         from .stages import merge
 

@@ -29,7 +29,7 @@ class Layout:
         return self._p("shards")
 
     def part(self, name: str, what: str = "rows") -> str:
-        """A part's rows (``.parquet``), ``manifest`` (``.json``), ``ids`` (``.ids.parquet``) or ``skipped`` (``.skipped.tsv``)."""
+        """A part's ``rows``, ``manifest``, ``ids``, ``skipped`` or ``keys`` file (:data:`.parts.PART_FILES`)."""
         return self._p("shards", f"{name}{PART_FILES[what]}")
 
     @property

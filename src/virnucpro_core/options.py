@@ -250,7 +250,7 @@ def _scalar(kind: type, meta: Any, value: Any, key: str) -> Any:
     if kind is bool:
         ok = isinstance(value, bool)
     else:
-        ok = (isinstance(value, kind) and not isinstance(value, bool)) or (kind is float and isinstance(value, int) and not isinstance(value, bool))
+        ok = not isinstance(value, bool) and (isinstance(value, kind) or (kind is float and isinstance(value, int)))
     if not ok:
         raise ValueError(f"config '{key}': {value!r} is not {'an' if kind is int else 'a'} {kind.__name__}")
     value = kind(value)

@@ -194,7 +194,7 @@ def plan_stats(plan: Plan, lengths: np.ndarray) -> dict:
     return {
         "records": int(plan.n_records),
         "items": int(n_items),
-        "split_records": int(n_items - len(np.unique(np.concatenate([p.records for p in plan.packs] or [np.zeros(0, np.int64)])))),
+        "split_records": int(n_items - len(np.unique(np.concatenate([p.records for p in plan.packs] or [np.zeros(0, int)])))),
         "residues_in_records": int(lengths.sum()),
         "residues_embedded": int(sum(int(p.lengths.sum()) for p in plan.packs)),
         "packs": len(plan.packs),

@@ -17,7 +17,7 @@ import os
 import zlib
 from dataclasses import asdict, dataclass
 
-from .fasta import split_points
+from .fasta import is_gzip, split_points
 from .options import Options
 
 log = logging.getLogger(__name__)
@@ -81,11 +81,6 @@ def unique_inputs(inputs: list[str]) -> list[str]:
     return list(seen.values())
 
 
-def is_gzip(path: str) -> bool:
-    with open(path, "rb") as fh:
-        return fh.read(2) == b"\x1f\x8b"
-
-
 def _expansion(path: str) -> float:
     """Decompressed bytes per file byte: 1 for a plain file, measured on the first MiB for gzip."""
     if not is_gzip(path):
@@ -109,8 +104,8 @@ def plan_parts(inputs: list[str], options: Options, gpus: int | None = None) -> 
     """The parts of ``inputs`` (each file once, in order) and the shard of each.
 
     Shards: ``options.shards``, else enough for ``residues_per_shard`` residues each, rounded up to a multiple
-    of the GPUs asked for. Parts: ``options.input_parts``, else about ``PART_BYTES`` each (at most ``MAX_PARTS``), at least
-    one per shard; each file gets parts in proportion to its estimated residues."""
+    of the GPUs asked for. Parts: ``options.input_parts``, else about ``PART_BYTES`` each (at most
+    ``MAX_PARTS``), at least one per shard; each file gets parts in proportion to its estimated residues."""
     files = unique_inputs(inputs)
     est = [estimated_residues(f, options) for f in files]
     total = sum(est) or 1.0
@@ -129,7 +124,7 @@ def plan_parts(inputs: list[str], options: Options, gpus: int | None = None) -> 
             n = min(n, MAX_GZIP_PARTS)
         points = split_points(f, n, INFLATE_COST[options.input_type])
         fsize = points[-1]
-        for a, b in zip(points, points[1:] or [fsize]):
+        for a, b in zip(points, points[1:]):
             cuts.append((f, a, b, fsize, e * (b - a) / fsize if fsize else 0.0))
     # a part goes to the shard its estimated residues' midpoint falls in; no shard is left empty
     parts, before, shard_of = [], 0.0, {}

@@ -3,6 +3,7 @@ workflow computes these when it builds the jobs). Measured peaks are in ``benchm
 
 from __future__ import annotations
 
+from .fasta import is_gzip
 from .options import Options
 
 BASE_MB = 1000  # the interpreter, pyarrow and numpy
@@ -15,7 +16,7 @@ def part_mb(part) -> int:
     """One part's buffered rows (about 32 M residues), a batch of translated proteins, and the table of ids
     seen: ~70 bytes a record (measured: 1.39 GB peak at 16 M records, benchmarks/results/scale-16M-2026-11-30.json),
     at most one record per 40 bytes of FASTA (gzip: ~4 bytes of FASTA per byte)."""
-    return int(BASE_MB + 200 + (part.end - part.start) / 1e6 * (4 if part.file.endswith(".gz") else 1) * 70 / 40)
+    return int(BASE_MB + 200 + (part.end - part.start) / 1e6 * (4 if is_gzip(part.file) else 1) * 70 / 40)
 
 
 def index_mb(input_mb: float) -> int:

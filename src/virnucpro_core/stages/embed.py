@@ -1,7 +1,8 @@
 """Stage 2: packed ESM-2 embeddings of one shard (consecutive parts of the input), on one GPU (or the CPU).
 
 The job reads its parts, finds the rows whose sequence came earlier (:mod:`..dedup`: those are not embedded;
-the merge fills them), plans packs (:func:`..packing.build_plan`, a fraction of a second) and embeds. The
+their rows are filled from the first, here if that is in this shard, else by the merge), plans packs
+(:func:`..packing.build_plan`, a fraction of a second) and embeds. The
 plan cuts the shard into chunks (contiguous rows, about ``packing.chunk_tokens`` tokens each). As soon as a
 chunk's packs are done, a writer thread writes its rows to ``<out>.chunks/`` and appends them to ``out``
 (still under a temporary name) while the GPU computes the next chunk, so host memory holds two chunks at
@@ -99,9 +100,10 @@ class Chunks:
 
 class _Writer:
     """One thread writes finished chunks in row order while the GPU computes: each to its chunk file
-    (uncompressed: only a rerun reads it; none for the last) and appended to ``out``'s temporary file. At most one chunk waits for it, so host memory holds two chunks.
-    Embedding columns are stored uncompressed (floats barely compress), so the merge copies them at disk
-    speed when it must copy at all."""
+    (uncompressed: only a rerun reads it; none for the last) and appended to ``out``'s temporary file. At
+    most one chunk waits for it, so host memory holds two chunks. Embeddings are written plain (no
+    compression, dictionaries or statistics: floats gain nothing from them), at about disk speed. It keeps the
+    spot-check's sample rows as it writes them."""
 
     def __init__(self, chunks: Chunks, tmp: Path, n_chunks: int, sample: list[int] = ()) -> None:
         self.chunks, self.tmp, self.n_chunks = chunks, tmp, n_chunks
@@ -230,9 +232,6 @@ def _run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, opt
         shard = Shard(parts)
         shard_t = shard.table
         own, dups, earlier_digest = _duplicates(shard, earlier, options)
-        start = dict(zip((i["index"] for i in shard.info), np.cumsum([0, *shard.rows[:-1]]).tolist()))  # part -> first row
-        local = np.isin(dups["part"], list(start))
-        fill = LocalFill(dups[local], np.array([start[p] for p in dups["part"][local].tolist()], np.int64) + dups["part_row"][local])
         lengths = sequence_lengths(shard_t) if shard_t.num_rows else np.zeros(0, np.int64)
         long = options.long_sequences
         if plan:  # followed as it is: every row it plans is embedded
@@ -248,6 +247,11 @@ def _run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, opt
         else:
             the_plan = build_plan(lengths, options.packing.token_budget, long.policy, long.overlap, long.max_residues,
                                   chunk_tokens(options), include=own)
+        # duplicates whose first row is in this shard are filled as chunks are written; the others by the merge
+        start = dict(zip((i["index"] for i in shard.info), np.cumsum([0, *shard.rows[:-1]]).tolist()))  # part -> first row
+        local = np.isin(dups["part"], list(start))
+        first_row = np.array([start[p] for p in dups["part"][local].tolist()], np.int64) + dups["part_row"][local]
+        fill = LocalFill(dups[local], first_row)
         if plan_out:
             save_plan(the_plan, plan_out)
             write_json(Path(plan_out).with_suffix(".json"), the_plan.stats)
@@ -287,7 +291,8 @@ def _run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, opt
                               _chunk_table(shard_t, lo, hi, result, options, meta, fill))
                 finished[c] = result.stats
                 done = sum(finished[k]["tokens"] for k in finished)
-                progress.update(force=True, tokens_done=done, chunks_done=len(finished), tokens_per_s=result.stats["tokens_per_s"])
+                progress.update(force=True, tokens_done=done, chunks_done=len(finished),
+                                tokens_per_s=result.stats["tokens_per_s"])
                 log.info("chunk %d/%d done: %d tokens of the shard, %.0f tokens/s, ETA %.0f s", c + 1, n, done,
                          result.stats["tokens_per_s"], (shard_tokens - done) / max(result.stats["tokens_per_s"], 1e-9))
                 del result

@@ -4,12 +4,14 @@ file, :mod:`..parts`) per job, then check the parts together (:func:`index`).
 A part's rows go to ``<out>/part_NNNNN.parquet``: columns ``id record sequence key`` (and, for nucleotide
 input, ``parent_id window_start window_end frame``), one row per sequence to embed, in input order;
 ``record`` is the record's number within the part, ``key`` a 128-bit hash of the residues the model sees
-(de-duplication). Beside it: ``.json`` (the part's counts and the SHA-256 of its byte range), ``.ids.npy``
-(each valid record's id hash, for the duplicate-id check across parts) and ``.skipped.tsv``.
+(de-duplication). Beside it: ``.json`` (the part's counts and the SHA-256 of its byte range),
+``.ids.parquet`` (each valid record's id and its hash, for the duplicate-id check across parts),
+``.skipped.tsv`` and ``.keys.npy`` (the rows' distinct keys, sorted, for later shards' de-duplication).
 
 :func:`index` runs once every part is written, while the GPUs work: it numbers records across the parts
 of each file, finds ids already used by a record of an earlier part (those records are skipped, or stop the
 run with ``on_invalid: error``), and writes ``manifest.json`` and ``skipped.tsv`` for the merge.
+:class:`Shard` reads a shard's parts back as one table (the embed and spot-check stages).
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ class _Part:
         self.skipped: list[list] = []
         self.kept = self.with_rows = self.input_residues = self.acgt = 0
 
-    def skip(self, number: int, offset: int, rec_id: str, reason: str, first_seen: int | None = None, invalid: bool = True) -> None:
+    def skip(self, number: int, offset: int, rec_id: str, reason: str, first_seen: int | None = None,
+             invalid: bool = True) -> None:
         """A record not embedded: listed, or if it is invalid and ``on_invalid`` is ``error``, the end of the run, named by
         its number in the file."""
         path = self.path
@@ -161,7 +164,7 @@ def run_part(part: Part, out_dir: str | Path, options: Options) -> dict:
     clean = normalise if nucleotide is None else normalise_nucleotides
     reader = raw_records(path, part.start, part.end)
     seen = _Part(part, options)
-    pending: list[tuple[int, int, str, str, int]] = []  # nucleotide records translated together: number, offset, id, bases, ids row
+    pending: list[tuple[int, int, str, str, int]] = []  # records translated together: number, offset, id, bases, ids row
 
     def translate(rows: _Rows) -> None:
         numbers, offsets, rec_ids, seqs, at = zip(*pending)
@@ -171,8 +174,8 @@ def run_part(part: Part, out_dir: str | Path, options: Options) -> dict:
             if counts[i]:
                 seen.ids["rows"][at[i]] = int(counts[i])
             else:
-                seen.skip(numbers[i], offsets[i], rec_ids[i], f"no translated protein of >= {nucleotide.min_protein_length} residues",
-                          invalid=False)
+                reason = f"no translated protein of >= {nucleotide.min_protein_length} residues"
+                seen.skip(numbers[i], offsets[i], rec_ids[i], reason, invalid=False)
         seen.with_rows += int((counts > 0).sum())
         src = got.record.tolist()
         rows.add({"id": got.id, "record": [numbers[r] for r in src], "sequence": got.protein,

@@ -55,7 +55,8 @@ def sample(shard_t: pa.Table, own: np.ndarray, options: Options) -> list[int]:
 
 
 def run(parts: list[str | Path], embeddings: str | Path, model: str | LoadedModel, out: str | Path, options: Options,
-        embedder: Embedder | None = None, shard_table: pa.Table | None = None, stored: dict[int, np.ndarray] | None = None) -> dict:
+        embedder: Embedder | None = None, shard_table: pa.Table | None = None,
+        stored: dict[int, np.ndarray] | None = None) -> dict:
     """Write the per-record table to ``out`` (TSV) and a summary next to it (``.json``); raise
     (``on_fail: error``) or warn when a record is below the thresholds. ``parts``: the shard's parts;
     ``embedder``: the embed job's own (the model already on its device), else the model is loaded here;
