@@ -188,6 +188,13 @@ def test_sigkill_mid_shard_loses_at_most_one_chunk_and_the_rerun_is_bit_identica
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)  # snakemake and its running job, mid-shard
     proc.wait()
+    from virnucpro_core.progress import snapshot
+
+    deadline = time.time() + 10  # the killed job's process goes a moment after Snakemake's
+    while (st := snapshot(out)).state != "interrupted" and time.time() < deadline:  # what `virnucpro status` reports
+        time.sleep(0.1)
+    assert st.state == "interrupted" and [s.state for s in st.shards] == ["interrupted"], st
+    assert 0 < st.tokens_done < st.tokens_total and st.rate == 0
     done = len(list(chunk_dir.glob("*.parquet")))
     total = pq.read_schema(out / "plans/shard_0000.parquet").metadata[b"virnucpro_plan"]
     total = len(json.loads(total)["chunks"]) - 1

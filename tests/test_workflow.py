@@ -238,6 +238,11 @@ def test_the_terminal_shows_a_summary_with_warnings_or_the_failing_jobs_own_erro
     text = res.stdout + res.stderr
     assert res.returncode != 0
     assert f"virnucpro: the run failed\n  {tmp_path / 'bad'}/logs/shard/part_00000.log: {bad}: record 2 (b): illegal character '1'" in text
+    from virnucpro_core.progress import snapshot
+
+    st = snapshot(tmp_path / "bad")  # what `virnucpro status` reports of the failed run
+    assert st.state == "failed" and st.failures == [f"{tmp_path / 'bad'}/logs/shard/part_00000.log: {bad}: record 2 (b): "
+                                                    "illegal character '1' at residue 3"]
 
 
 @pytest.mark.slow

@@ -80,6 +80,7 @@ def claim(outdir: str | Path, plan: dict | None = None) -> str:
 
 
 def _alive(pid: object) -> bool:
+    """Whether process ``pid`` of this host runs (a killed one not yet reaped, a zombie, does not)."""
     if not isinstance(pid, int):
         return False
     try:
@@ -88,7 +89,10 @@ def _alive(pid: object) -> bool:
         return False
     except PermissionError:  # another user's process
         pass
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def check(outdir: str | Path, run_id: str) -> None:
