@@ -8,7 +8,7 @@ reads of 60..166 residues. Tokens = residues + BOS + EOS. Contenders, each from 
 pooled (mean) embeddings on the host:
 - baseline (a), fair-esm's forward at its best: bf16, length-sorted batches tokenised ahead into
   pinned memory and copied asynchronously, the best of 4096, 16384 and 32768 tokens per batch
-  (the ratio README quotes);
+  (the ratio docs/performance.md quotes);
 - baseline (b), fair-esm as ``esm-extract`` runs: its ``FastaBatchedDataset``, batch converter and
   ``DataLoader``, its default 4096 tokens per batch, representations copied to the host and
   averaged per sequence there; fp32 (its default) and bf16;

@@ -120,7 +120,7 @@ def downstream(test: np.ndarray, ref: np.ndarray) -> dict:
 class Thresholds:
     """Minimum pooled and per-residue cosine, packed vs unpacked, in the same dtype.
 
-    Defaults from measured noise (README "Equivalence"); stated in every spot-check output.
+    Defaults from measured noise (docs/engine.md, "Equivalence"); stated in every spot-check output.
     """
 
     pooled_cosine: float

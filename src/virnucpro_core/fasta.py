@@ -4,7 +4,7 @@ Every input record ends as a :class:`Record` (kept) or a :class:`Skipped` (with 
 reason).  With ``on_invalid="error"`` the first bad record raises
 :class:`FastaError`, whose message names the file, the record number and the reason.
 
-Decisions (README, "Input"):
+Decisions (README, "Input rules"):
 - upper-cased; whitespace (CR, tabs, spaces) inside sequence lines removed;
 - one trailing ``*`` (Prodigal/pyrodigal stop) removed; an internal ``*`` is invalid;
 - alignment gaps ``-`` and ``.`` removed (ESM-2 embeds unaligned sequences);

@@ -12,7 +12,7 @@ same order, except that fc1's output is not rounded before the GELU. They replac
 (an embed job no longer imports the compiler and loads its cache: about 12 s of start-up on the
 H200). Triton keeps compiled kernels in its on-disk cache (``~/.triton/cache``): a job loads them in
 milliseconds; the arguments that vary with the pack (rows, programs) are not specialised on, so one
-compiled variant serves every pack. Measurements: README's Performance section.
+compiled variant serves every pack. Measurements: docs/performance.md.
 """
 
 from __future__ import annotations
