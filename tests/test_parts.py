@@ -75,6 +75,15 @@ def test_parts_give_the_rows_one_job_gives(tmp_path, rng, kind, monkeypatch):
     assert rows(d5, five) == rows(d1, one)
     assert [r[1] for r in rows(d1, one)] == [f"p{i}" for i in range(600)]
     assert five["inputs"] == one["inputs"]
+    opts = Options(input_parts=5)
+    parts = plan_parts([str(path)], opts)
+    mans = [json.loads((d5 / f"{p.name}.json").read_text()) for p in parts]
+    assert [m["end_offset"] for m in mans[:-1]] == [m["first_offset"] for m in mans[1:]]
+    assert mans[0]["first_offset"] == 0 and mans[-1]["end_offset"] == len(records)  # decompressed offsets
+    mans[2]["first_offset"] += 1  # as if its node's zlib had inflated the file differently
+    (d5 / f"{parts[2].name}.json").write_text(json.dumps(mans[2]))
+    with pytest.raises(FastaError, match=rf"{path}: parts {parts[1].name} and {parts[2].name} disagree"):
+        shard.index(parts, d5, opts)
 
 
 def test_nucleotide_parts_of_several_files_give_the_rows_one_job_gives(tmp_path):

@@ -215,7 +215,8 @@ def run_part(part: Part, out_dir: str | Path, options: Options) -> dict:
     write_tsv(paths["skipped"], PART_SKIPPED_COLUMNS, seen.skipped)
     with atomic_path(paths["keys"]) as tmp, open(tmp, "wb") as fh:
         np.save(fh, distinct_keys(np.frombuffer(b"".join(rows.keys), dtype="V16")), allow_pickle=False)
-    manifest = {**info, "headers": reader.headers, "records": reader.records, "kept": seen.kept, "skipped": len(seen.skipped),
+    manifest = {**info, "first_offset": reader.first_offset, "end_offset": reader.end_offset,
+                "headers": reader.headers, "records": reader.records, "kept": seen.kept, "skipped": len(seen.skipped),
                 "with_rows": seen.with_rows, "rows": rows.rows, "residues": rows.residues, "input_residues": seen.input_residues,
                 "acgt": seen.acgt, "rows_sha256": sha256(paths["rows"], cache=False)}
     write_json(paths["manifest"], manifest)
@@ -237,9 +238,16 @@ def index(parts: list[Part], shard_dir: str | Path, options: Options, inputs: li
     d = Path(shard_dir)
     man = [json.loads(part_paths(d, p.name)["manifest"].read_text()) for p in parts]
     offset, headers = [], {}  # headers of the same file before each part: local record numbers -> the file's
+    ends: dict[str, tuple[str, int]] = {}  # the previous part of each file: its name, where its records end
     for p, m in zip(parts, man):
         offset.append(headers.get(p.file, 0))
         headers[p.file] = offset[-1] + m["headers"]
+        if p.file in ends and ends[p.file][1] != m["first_offset"]:  # e.g. nodes whose zlib inflates differently
+            raise FastaError(f"{p.file}: parts {ends[p.file][0]} and {p.name} disagree on where one ends and the next "
+                             f"begins (decompressed offset {ends[p.file][1]} vs {m['first_offset']}): read on machines "
+                             "that inflate gzip differently? Delete the run's shards/ folder and run the shard jobs on "
+                             "one kind of machine")
+        ends[p.file] = (p.name, m["end_offset"])
     tables = [pq.read_table(part_paths(d, p.name)["ids"], columns=["hash", "record", "rows"]) for p in parts]
     owner = np.concatenate([np.full(t.num_rows, i, np.int64) for i, t in enumerate(tables)] or [np.zeros(0, np.int64)])
     col = lambda c: np.concatenate([t[c].to_numpy() for t in tables] or [np.zeros(0, np.int64)])  # noqa: E731
