@@ -20,6 +20,7 @@ import argparse
 import datetime
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -64,7 +65,7 @@ def steps(outdir: Path, start: float) -> list[dict]:
 
 def embed_jobs(outdir: Path) -> list[dict]:
     keys = ("rows", "duplicates", "tokens", "seconds", "tokens_per_s", "startup_seconds", "first_pack_seconds", "chunks", "device",
-            "attention_backend", "peak_gib")
+            "attention_backend", "peak_gib", "spot_check_seconds")
     return [{"shard": p.stem, **{k: json.loads(p.read_text()).get(k) for k in keys}}
             for p in sorted((outdir / "embeddings").glob("shard_*.json"))]
 
@@ -137,6 +138,9 @@ def main() -> int:
             continue
         outdir = work / name
         start, wall = workflow([*config, f"outdir={outdir}", *common], args.cores, out_dir / f"snakemake-{name}.log")
+        for log in (outdir / "logs").rglob("*.log"):  # every job's own log, beside the workflow's
+            (out_dir / f"{name}-logs" / log.relative_to(outdir / "logs")).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(log, out_dir / f"{name}-logs" / log.relative_to(outdir / "logs"))
         seqs = run_proteins(outdir)
         tokens = tokens_of(seqs)
         jobs = embed_jobs(outdir)

@@ -86,3 +86,30 @@ def test_fused_packed_forward_matches_unpacked():
     for p, r in zip(packed, ref):
         cos = torch.nn.functional.cosine_similarity(p.float().mean(0), r.float().mean(0), dim=0)
         assert float(cos) > 0.9999
+
+
+def test_pooled_rows_read_from_another_thread_while_the_gpu_computes_the_next_chunk(tiny_model, rng):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from virnucpro_core.embed import Embedder, Outputs
+    from virnucpro_core.options import EmbeddingOptions
+    from virnucpro_core.packing import build_plan
+
+    from conftest import random_protein
+
+    emb = Embedder(tiny_model, "cuda", "bfloat16", "auto")
+    outputs = Outputs.resolve(tiny_model.num_layers, EmbeddingOptions())
+    seqs = [random_protein(rng, int(n)) for n in rng.integers(20, 900, 3000)]
+    plan = build_plan([len(s) for s in seqs], 8192, "truncate", 0)
+    first = emb.embed(seqs, plan, outputs)
+    assert first.ready is not None and first.device_pooled["embedding"].is_cuda  # not copied yet
+    with ThreadPoolExecutor(1) as pool:
+        host = pool.submit(lambda: first.pooled["embedding"])  # as the chunk writer does, during the next chunk
+        second = emb.embed(seqs, plan, outputs)
+        got = host.result()
+    assert got.shape == (len(seqs), tiny_model.embed_dim) and np.isfinite(got).all() and np.abs(got).sum() > 0
+    # the same packs again, up to the order of atomic adds: a read racing the copy would differ wildly
+    again = second.pooled["embedding"]
+    cos = (got * again).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(again, axis=1)
+    print("max |diff|", np.abs(got - again).max(), "min cosine", cos.min())
+    assert cos.min() > 0.9999

@@ -76,9 +76,30 @@ class Outputs:
 
 @dataclass
 class EmbedResult:
-    pooled: dict[str, np.ndarray]  # column -> (n_records, dim) float32
+    """A shard's (or chunk's) embeddings. The pooled columns may still be on the device when it is returned:
+    the first read of ``pooled`` copies them to the host on a side stream, so that a writer thread can take them
+    while the GPU computes the next chunk."""
+
+    device_pooled: dict[str, torch.Tensor]  # column -> (n_records, dim) float32, on the device
     per_residue: dict[str, list[np.ndarray]] = field(default_factory=dict)  # column -> per record (L, dim)
     stats: dict = field(default_factory=dict)
+    ready: torch.cuda.Event | None = None  # recorded once the pooling kernels are queued (on a GPU)
+    _host: dict[str, np.ndarray] | None = None
+
+    @property
+    def pooled(self) -> dict[str, np.ndarray]:
+        """column -> (n_records, dim) float32 on the host."""
+        if self._host is None:
+            tensors = self.device_pooled
+            if self.ready is not None and tensors:
+                side = torch.cuda.Stream(next(iter(tensors.values())).device)
+                side.wait_event(self.ready)
+                with torch.cuda.stream(side):
+                    self._host = {c: t.cpu().numpy() for c, t in tensors.items()}
+            else:
+                self._host = {c: t.cpu().numpy() for c, t in tensors.items()}
+            self.device_pooled, self.ready = {}, None
+        return self._host
 
 
 def to_device(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -225,7 +246,7 @@ class Embedder:
         for col, rows in item_rows.items():
             acc = torch.zeros(plan.n_records, dim, dtype=torch.float32, device=dev).index_add_(0, rec_t, rows * w)
             wsum = torch.zeros(plan.n_records, 1, dtype=torch.float32, device=dev).index_add_(0, rec_t, w)
-            pooled[col] = (acc / wsum.clamp(min=1)).cpu().numpy()
+            pooled[col] = acc / wsum.clamp(min=1)  # copied to the host when first read (EmbedResult.pooled)
         per_residue = {
             col: _merge_residues(parts, item_record, item_start, item_len, plan.n_records, dim) for col, parts in residue_parts.items()
         }
@@ -241,7 +262,11 @@ class Embedder:
             "attention_backend": self.backend,
             "peak_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
         }
-        return EmbedResult(pooled, per_residue, stats)
+        ready = None
+        if dev.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(dev))
+        return EmbedResult(pooled, per_residue, stats, ready)
 
 
 def _merge_residues(parts: dict[int, torch.Tensor], item_record, item_start, item_len, n_records: int, dim: int) -> list[np.ndarray]:

@@ -296,6 +296,9 @@ def _run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, opt
                 log.info("chunk %d/%d done: %d tokens of the shard, %.0f tokens/s, ETA %.0f s", c + 1, n, done,
                          result.stats["tokens_per_s"], (shard_tokens - done) / max(result.stats["tokens_per_s"], 1e-9))
                 del result
+            t_check = time.perf_counter()  # the spot-check's forwards on the GPU while the last chunk is written
+            measured = check.measure(embedder, shard_t, sample, options) if spot_check and sample else None
+            t_check = time.perf_counter() - t_check
             stats = {**_sum_stats([finished[c] for c in range(n)]), "resumed_chunks": n - len(todo), "rows": shard_t.num_rows,
                      "duplicates": len(dups),
                      # this job's start-up: process start to its first pack, then that pack (compilation)
@@ -308,8 +311,8 @@ def _run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, opt
         if spot_check:
             t1 = time.perf_counter()
             stats["spot_check"] = check.run(parts, out, loaded, spot_check, options, embedder=embedder, shard_table=shard_t,
-                                            stored=writer.stored)
-            stats["spot_check_seconds"] = time.perf_counter() - t1
+                                            stored=writer.stored, measured=measured)
+            stats["spot_check_seconds"] = t_check + time.perf_counter() - t1
     if stats_out:
         write_json(stats_out, stats)
     progress.update(force=True, state="done", tokens_done=stats["tokens"], tokens_per_s=stats["tokens_per_s"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,15 +55,43 @@ def sample(shard_t: pa.Table, own: np.ndarray, options: Options) -> list[int]:
     return candidates[sample_by_length(sequence_lengths(shard_t)[candidates], options.spot_check.sample)].tolist()
 
 
+@dataclass
+class Measured:
+    """The sample's windows (row, start, residues) through the packed forward (repacked into one pack) and the
+    unpacked reference, with the sampled rows' ids and lengths."""
+
+    rows: list[int]
+    ids: dict[int, str]
+    lengths: dict[int, int]
+    items: list[tuple[int, int, int]]
+    packed: list[torch.Tensor]
+    ref: list[torch.Tensor]
+    dtype: str
+
+
+def measure(embedder: Embedder, shard_t: pa.Table, rows: list[int], options: Options) -> Measured:
+    """The GPU's part of the check: the sampled rows' windows, as the plan cuts them, in one pack and one at a time."""
+    long = options.long_sequences
+    picked = shard_t.select(["id", "sequence"]).take(pa.array(rows, pa.int64()))
+    seqs = picked["sequence"].to_pylist()
+    items = [(j, s, n) for j, seq in enumerate(seqs) for s, n in windows(len(seq), long.policy, long.overlap, long.max_residues)]
+    pack = Pack(*(np.array(c, dtype=np.int64) for c in zip(*items)))
+    layer = embedder.packed.num_layers
+    packed = embedder.residue_states(seqs, pack, layer)
+    ref = embedder.unpacked_residue_states(seqs, pack, layer)
+    return Measured(list(rows), dict(zip(rows, picked["id"].to_pylist())), dict(zip(rows, map(len, seqs))),
+                    [(rows[j], s, n) for j, s, n in items], packed, ref, embedder.dtype_name)
+
+
 def run(parts: list[str | Path], embeddings: str | Path, model: str | LoadedModel, out: str | Path, options: Options,
         embedder: Embedder | None = None, shard_table: pa.Table | None = None,
-        stored: dict[int, np.ndarray] | None = None) -> dict:
+        stored: dict[int, np.ndarray] | None = None, measured: Measured | None = None) -> dict:
     """Write the per-record table to ``out`` (TSV) and a summary next to it (``.json``); raise
     (``on_fail: error``) or warn when a record is below the thresholds. ``parts``: the shard's parts;
     ``embedder``: the embed job's own (the model already on its device), else the model is loaded here;
     ``shard_table``, ``stored``: the shard as that job read it and the sample's ``embedding`` values as its
-    writer stored them (:func:`sample`); without them, both are read back from the files."""
-    long = options.long_sequences
+    writer stored them (:func:`sample`); without them, both are read back from the files; ``measured``: the
+    sample already through both forwards (:func:`measure`)."""
     shard_t = Shard(parts).table if shard_table is None else shard_table
     if stored is None:
         if shard_t["id"].to_pylist() != pq.read_table(embeddings, columns=["id"])["id"].to_pylist():
@@ -72,24 +101,23 @@ def run(parts: list[str | Path], embeddings: str | Path, model: str | LoadedMode
         rows = sample(shard_t, own, options)
         stored = dict(zip(rows, take_rows(embeddings, "embedding", rows)))
     rows = sorted(stored)
-    ids, seqs = shard_t["id"].to_pylist(), shard_t["sequence"].to_pylist()
     opts = options.spot_check
     if not rows:  # an empty shard (fewer records than shards)
         write_tsv(out, HEADER, [])
         write_json(Path(out).with_suffix(".json"), {"checked": 0, "failed": 0})
         return {"checked": 0, "failed": 0}
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, options.model_dir)
-    with contextlib.ExitStack() as stack:
-        if embedder is None:
-            dev = stack.enter_context(acquire_device(options.embedding.lock_dir, options.embedding.device))
-            embedder = Embedder(loaded, dev, compute_dtype(dev, options.embedding.dtype), options.embedding.attention)
-        dtype = embedder.dtype_name
-        th = Thresholds.resolve(dtype, opts.pooled_cosine, opts.min_residue_cosine)
-        # the sample's windows, as the plan cut them, in one pack
-        items = [(r, s, n) for r in rows for s, n in windows(len(seqs[r]), long.policy, long.overlap, long.max_residues)]
-        pack = Pack(*(np.array(c, dtype=np.int64) for c in zip(*items)))
-        packed = embedder.residue_states(seqs, pack, loaded.num_layers)
-        ref = embedder.unpacked_residue_states(seqs, pack, loaded.num_layers)
+    if measured is None:
+        loaded = model if isinstance(model, LoadedModel) else load_model(model, options.model_dir)
+        with contextlib.ExitStack() as stack:
+            if embedder is None:
+                dev = stack.enter_context(acquire_device(options.embedding.lock_dir, options.embedding.device))
+                embedder = Embedder(loaded, dev, compute_dtype(dev, options.embedding.dtype), options.embedding.attention)
+            measured = measure(embedder, shard_t, rows, options)
+    if measured.rows != rows:
+        raise ValueError(f"the spot-check of {embeddings} measured rows {measured.rows[:5]}... but its writer stored {rows[:5]}...")
+    items, packed, ref, dtype = measured.items, measured.packed, measured.ref, measured.dtype
+    ids, lengths = measured.ids, measured.lengths
+    th = Thresholds.resolve(dtype, opts.pooled_cosine, opts.min_residue_cosine)
     metrics = compare([ids[r] for r, _, _ in items], packed, ref)
     out_rows, ref_pooled = [], []
     for r in rows:
@@ -102,7 +130,7 @@ def run(parts: list[str | Path], embeddings: str | Path, model: str | LoadedMode
         repacked = min(metrics[i].pooled_cosine for i in mine)
         min_res = min(metrics[i].min_residue_cosine for i in mine)
         ok = min(stored_cos, repacked) >= th.pooled_cosine and min_res >= th.min_residue_cosine
-        out_rows.append([ids[r], len(seqs[r]), f"{stored_cos:.10f}", f"{repacked:.10f}", f"{min_res:.10f}",
+        out_rows.append([ids[r], lengths[r], f"{stored_cos:.10f}", f"{repacked:.10f}", f"{min_res:.10f}",
                          f"{max(metrics[i].rel_l2 for i in mine):.3e}", th.pooled_cosine, th.min_residue_cosine,
                          "pass" if ok else "FAIL"])
     down = downstream(np.stack([stored[r] for r in rows]).astype(np.float64), np.stack(ref_pooled))
