@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from virnucpro_core.embed import Embedder, Outputs
-from virnucpro_core.model import LoadedModel, build_esm2
+from virnucpro_core.engine.embedder import Embedder, Outputs
+from virnucpro_core.models.loader import LoadedModel, build_esm2
 from virnucpro_core.options import ESM2_MODELS, EmbeddingOptions, Options
-from virnucpro_core.packing import build_plan
+from virnucpro_core.engine.packing import build_plan
 from virnucpro_core.stages import embed, shard
 
 AA = "ACDEFGHIKLMNPQRSTVWY"

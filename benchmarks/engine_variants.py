@@ -45,12 +45,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, "benchmarks")
 from bench_embed import dataset, matmul_peak, profile_engine, random_esm2, sync_time  # noqa: E402
-from virnucpro_core import embed as embed_module  # noqa: E402
-from virnucpro_core import kernels  # noqa: E402
-from virnucpro_core.attention import resolve_backend  # noqa: E402
-from virnucpro_core.model import LoadedModel  # noqa: E402
+from virnucpro_core.engine import embedder as embed_module  # noqa: E402
+from virnucpro_core.engine import kernels  # noqa: E402
+from virnucpro_core.engine.attention import resolve_backend  # noqa: E402
+from virnucpro_core.models.loader import LoadedModel  # noqa: E402
 from virnucpro_core.options import EmbeddingOptions  # noqa: E402
-from virnucpro_core.packing import build_plan  # noqa: E402
+from virnucpro_core.engine.packing import build_plan  # noqa: E402
 
 
 def load_old(path: str):
@@ -79,7 +79,7 @@ try:
     import triton
     import triton.language as tl
 
-    from virnucpro_core.kernels import _gelu_fp32
+    from virnucpro_core.engine.kernels import _gelu_fp32
 
     @triton.jit
     def _gelu(x, n, ERFC: tl.constexpr, BLOCK: tl.constexpr):

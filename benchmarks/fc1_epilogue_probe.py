@@ -25,7 +25,7 @@ from triton.testing import do_bench
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, "src")
-from virnucpro_core import kernels  # noqa: E402
+from virnucpro_core.engine import kernels  # noqa: E402
 
 
 @triton.jit

@@ -34,14 +34,14 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_embed import SHAPES, dataset, matmul_peak, random_esm2, sync_time  # noqa: E402
 from gpu_equivalence import LENGTHS, metrics, sharpen  # noqa: E402
-from virnucpro_core.embed import Embedder, Outputs  # noqa: E402
-from virnucpro_core.equivalence import reference_hidden  # noqa: E402
-from virnucpro_core.model import LoadedModel, build_esm2  # noqa: E402
+from virnucpro_core.engine.embedder import Embedder, Outputs  # noqa: E402
+from virnucpro_core.engine.equivalence import reference_hidden  # noqa: E402
+from virnucpro_core.models.loader import LoadedModel, build_esm2  # noqa: E402
 from virnucpro_core.options import ESM2_MODELS, EmbeddingOptions  # noqa: E402
-from virnucpro_core.attention import position_ids, rotary_tables  # noqa: E402
-from virnucpro_core.packed_esm import PackedESM2, residues  # noqa: E402
-from virnucpro_core.packing import Pack, build_plan  # noqa: E402
-from virnucpro_core.tokenizer import Tokenizer  # noqa: E402
+from virnucpro_core.engine.attention import position_ids, rotary_tables  # noqa: E402
+from virnucpro_core.engine.packed_esm2 import PackedESM2, residues  # noqa: E402
+from virnucpro_core.engine.packing import Pack, build_plan  # noqa: E402
+from virnucpro_core.engine.tokenizer import Tokenizer  # noqa: E402
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0

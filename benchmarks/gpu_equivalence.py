@@ -24,12 +24,12 @@ import numpy as np
 import torch
 
 from bench_embed import SHAPES
-from virnucpro_core.equivalence import reference_hidden
-from virnucpro_core.model import build_esm2
+from virnucpro_core.engine.equivalence import reference_hidden
+from virnucpro_core.models.loader import build_esm2
 from virnucpro_core.options import ESM2_MODELS
-from virnucpro_core.packed_esm import PackedESM2, residues
-from virnucpro_core.packing import Pack
-from virnucpro_core.tokenizer import Tokenizer
+from virnucpro_core.engine.packed_esm2 import PackedESM2, residues
+from virnucpro_core.engine.packing import Pack
+from virnucpro_core.engine.tokenizer import Tokenizer
 
 LENGTHS = (3, 8, 50, 160, 250, 400, 700, 1000)
 AA = "ACDEFGHIKLMNPQRSTVWY"

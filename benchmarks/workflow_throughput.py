@@ -82,10 +82,10 @@ def tokens_of(seqs: list[str]) -> int:
 
 def engine_rate(model: Path, seqs: list[str], n_tokens: int) -> tuple[float, int, list[float]]:
     """The engine in this process on the first ``n_tokens`` of ``seqs``: tokens/s (the better of two passes)."""
-    from virnucpro_core.embed import Embedder, Outputs
-    from virnucpro_core.model import load_model
+    from virnucpro_core.engine.embedder import Embedder, Outputs
+    from virnucpro_core.models.loader import load_model
     from virnucpro_core.options import EmbeddingOptions
-    from virnucpro_core.packing import build_plan
+    from virnucpro_core.engine.packing import build_plan
 
     cum = np.cumsum([min(len(s), 1022) + 2 for s in seqs])
     sub = seqs[: int(np.searchsorted(cum, n_tokens)) + 1]

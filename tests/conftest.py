@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from virnucpro_core.model import LoadedModel, build_esm2, save_checkpoint
+from virnucpro_core.models.loader import LoadedModel, build_esm2, save_checkpoint
 
 AA = "ACDEFGHIKLMNPQRSTVWY"
 
@@ -49,7 +49,7 @@ def cpu_options(d, **changes):
 def run_stages(d, inputs, options, model):
     """The workflow's stages in this process, as ``virnucpro extract`` runs them but keeping every shard's files:
     (summary, the run's Layout)."""
-    from virnucpro_core.layout import Layout
+    from virnucpro_core.run.layout import Layout
     from virnucpro_core.stages import embed, merge, shard
 
     run = Layout(str(d))

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from virnucpro_core.devices import acquire_device
+from virnucpro_core.run.devices import acquire_device
 
 
 def hold(lock_dir, n, queue, seconds):

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from conftest import random_protein
-from virnucpro_core.embed import Embedder, Outputs, SequenceTooLargeError
-from virnucpro_core.equivalence import reference_hidden
-from virnucpro_core.files import write_table
+from virnucpro_core.engine.embedder import Embedder, Outputs, SequenceTooLargeError
+from virnucpro_core.engine.equivalence import reference_hidden
+from virnucpro_core.io.files import write_table
 from virnucpro_core.options import EmbeddingOptions
-from virnucpro_core.packing import Pack, build_plan, windows
-from virnucpro_core.parquet import column_array, embeddings_table, read_metadata
-from virnucpro_core.tokenizer import Tokenizer
+from virnucpro_core.engine.packing import Pack, build_plan, windows
+from virnucpro_core.io.tables import column_array, embeddings_table, read_metadata
+from virnucpro_core.engine.tokenizer import Tokenizer
 
 
 def embed(model, seqs, budget=4096, policy="truncate", outputs=None, hook=None):

@@ -21,8 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from virnucpro_core import fasta
-from virnucpro_core.fasta import (
+from virnucpro_core.io import fasta
+from virnucpro_core.io.fasta import (
     BOM,
     MAGIC,
     FastaError,
@@ -37,7 +37,7 @@ from virnucpro_core.fasta import (
     read_fasta,
     split_points,
 )
-from virnucpro_core.idset import IdTable, id_hash
+from virnucpro_core.io.idset import IdTable, id_hash
 
 
 def write(tmp_path, name, data: bytes | str):
@@ -225,7 +225,7 @@ def _ref_normalise(raw):
 
 
 def _ref_normalise_nucleotides(raw):
-    from virnucpro_core.nucleotide import check_nucleotides
+    from virnucpro_core.io.nucleotide import check_nucleotides
 
     seq = raw.translate(None, _REF_DELETE)
     if not seq:

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from virnucpro_core import kernels
-from virnucpro_core.attention import position_ids, rotary_tables
-from virnucpro_core.equivalence import reference_hidden
-from virnucpro_core.model import build_esm2
-from virnucpro_core.packed_esm import PackedESM2, add_layer_norm, residues, rotate_qk
+from virnucpro_core.engine import kernels
+from virnucpro_core.engine.attention import position_ids, rotary_tables
+from virnucpro_core.engine.equivalence import reference_hidden
+from virnucpro_core.models.loader import build_esm2
+from virnucpro_core.engine.packed_esm2 import PackedESM2, add_layer_norm, residues, rotate_qk
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -91,9 +91,9 @@ def test_fused_packed_forward_matches_unpacked():
 def test_pooled_rows_read_from_another_thread_while_the_gpu_computes_the_next_chunk(tiny_model, rng):
     from concurrent.futures import ThreadPoolExecutor
 
-    from virnucpro_core.embed import Embedder, Outputs
+    from virnucpro_core.engine.embedder import Embedder, Outputs
     from virnucpro_core.options import EmbeddingOptions
-    from virnucpro_core.packing import build_plan
+    from virnucpro_core.engine.packing import build_plan
 
     from conftest import random_protein
 

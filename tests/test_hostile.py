@@ -19,11 +19,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from virnucpro_core import claim, files
+from virnucpro_core.io import files
+from virnucpro_core.run import claim
 from virnucpro_core.cli import main
-from virnucpro_core.fasta import FastaError, Record, Skipped, read_fasta
+from virnucpro_core.io.fasta import FastaError, Record, Skipped, read_fasta
 from virnucpro_core.options import Options
-from virnucpro_core.parquet import read_metadata
+from virnucpro_core.io.tables import read_metadata
 from virnucpro_core.stages import shard
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from virnucpro_core.model import CheckpointError, build_esm2, load_checkpoint, load_model, save_checkpoint
+from virnucpro_core.models.loader import CheckpointError, build_esm2, load_checkpoint, load_model, save_checkpoint
 
 
 def test_round_trip_equals_fair_esm_loader(tmp_path):
@@ -99,7 +99,7 @@ def test_named_model_uses_fair_esm_url_and_cache(tmp_path, monkeypatch):
             torch.save({"model": {}}, dst)
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
-    monkeypatch.setattr("virnucpro_core.model.unreachable", lambda url: None)  # as if online
+    monkeypatch.setattr("virnucpro_core.models.loader.unreachable", lambda url: None)  # as if online
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     loaded = load_model("esm2_t6_8M_UR50D", tmp_path)
     assert loaded.num_layers == 6 and loaded.embed_dim == 320
@@ -122,7 +122,7 @@ def test_malformed_configs_are_refused_before_anything_is_built(tmp_path, change
     """Checked against the tensors present, from the index alone (checkpoint.inspect) and on load."""
     import time
 
-    from virnucpro_core.checkpoint import inspect
+    from virnucpro_core.models.checkpoint import inspect
 
     path = tmp_path / "m.pt"
     save_checkpoint(build_esm2(2, 32, 4), path)
@@ -138,7 +138,7 @@ def test_malformed_configs_are_refused_before_anything_is_built(tmp_path, change
 
 
 def test_empty_files_and_bad_companions_are_named(tmp_path):
-    from virnucpro_core.checkpoint import inspect
+    from virnucpro_core.models.checkpoint import inspect
 
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
@@ -164,7 +164,7 @@ def test_named_model_found_in_torch_hubs_cache_is_used_offline(tmp_path, monkeyp
 
 def test_named_model_absent_and_offline_says_where_it_looked_and_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr("virnucpro_core.model.unreachable", lambda url: "[Errno -2] Name or service not known")
+    monkeypatch.setattr("virnucpro_core.models.loader.unreachable", lambda url: "[Errno -2] Name or service not known")
     with pytest.raises(CheckpointError) as err:
         load_model("esm2_t6_8M_UR50D", tmp_path / "models")
     msg = str(err.value)
@@ -192,8 +192,8 @@ def tiny_hf_esm(folder, layers=2, dim=64, heads=4, seed=0):
 
 
 def test_a_hugging_face_esm2_folder_is_converted_once_and_embeds_as_transformers_does(tmp_path):
-    from virnucpro_core.embed import Embedder
-    from virnucpro_core.packing import Pack
+    from virnucpro_core.engine.embedder import Embedder
+    from virnucpro_core.engine.packing import Pack
 
     hf = tiny_hf_esm(tmp_path / "hf")
     assert (tmp_path / "hf/model.safetensors").is_file()
@@ -221,7 +221,7 @@ def test_a_hugging_face_model_of_another_architecture_is_refused(tmp_path):
 
 
 def test_org_slash_name_is_found_in_the_hugging_face_cache(tmp_path, monkeypatch):
-    from virnucpro_core.hf import hf_folder
+    from virnucpro_core.models.huggingface import hf_folder
 
     snap = tmp_path / "hub/models--facebook--esm2_tiny/snapshots/abc123"
     tiny_hf_esm(snap)
@@ -241,7 +241,7 @@ def test_the_workflow_takes_a_hugging_face_folder_as_model(tmp_path):
 
     import pyarrow.parquet as pq
 
-    from virnucpro_core.parquet import column_array
+    from virnucpro_core.io.tables import column_array
 
     root = Path(__file__).resolve().parents[1]
     tiny_hf_esm(tmp_path / "hf")

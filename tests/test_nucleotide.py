@@ -16,7 +16,7 @@ from Bio.Seq import Seq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from virnucpro_core.nucleotide import (FRAMES, Proteins, Translated, check_nucleotides, codon_table, record_frame,
+from virnucpro_core.io.nucleotide import (FRAMES, Proteins, Translated, check_nucleotides, codon_table, record_frame,
                                        translate_batch, translate_frame, translate_record, window_starts)
 from virnucpro_core.options import NucleotideOptions
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from virnucpro_core.cli import STAGE_OPTIONS, options_from_args, parser
-from virnucpro_core.equivalence import Thresholds
+from virnucpro_core.engine.equivalence import Thresholds
 from virnucpro_core.options import PATH_KEYS, EmbeddingOptions, NucleotideOptions, Options, leaves
 from virnucpro_core.schema import markdown_table, schema_yaml
 
@@ -130,7 +130,7 @@ def test_rules_build_no_command_lines():
 
 
 def test_report_and_workflow_modules_import_no_torch():
-    code = ("import sys, virnucpro_core.report, virnucpro_core.options, virnucpro_core.layout; "
+    code = ("import sys, virnucpro_core.stages.report, virnucpro_core.options, virnucpro_core.run.layout; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from conftest import random_protein
-from virnucpro_core.attention import position_ids, rotary_tables
-from virnucpro_core.equivalence import fp32_rotary, reference_hidden
-from virnucpro_core.packed_esm import PackedESM2, pool, residues
-from virnucpro_core.packing import Pack
-from virnucpro_core.tokenizer import Tokenizer
+from virnucpro_core.engine.attention import position_ids, rotary_tables
+from virnucpro_core.engine.equivalence import fp32_rotary, reference_hidden
+from virnucpro_core.engine.packed_esm2 import PackedESM2, pool, residues
+from virnucpro_core.engine.packing import Pack
+from virnucpro_core.engine.tokenizer import Tokenizer
 
 LENGTHS = [1, 2, 3, 8, 50, 160, 250, 400, 700, 1021, 1022]
 

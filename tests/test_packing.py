@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from conftest import random_protein
-from virnucpro_core.packing import MAX_RESIDUES, Pack, build_plan, items, load_plan, next_fit_decreasing, save_plan, windows
-from virnucpro_core.tokenizer import Tokenizer
+from virnucpro_core.engine.packing import MAX_RESIDUES, Pack, build_plan, items, load_plan, next_fit_decreasing, save_plan, windows
+from virnucpro_core.engine.tokenizer import Tokenizer
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import random_protein
-from virnucpro_core.fasta import FastaError
+from virnucpro_core.io.fasta import FastaError
 from virnucpro_core.options import Options
-from virnucpro_core.parts import plan_parts, shards
+from virnucpro_core.run.parts import plan_parts, shards
 from virnucpro_core.stages import shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_parts_cover_each_file_once_and_shards_are_consecutive_parts(tmp_path, r
 
 @pytest.mark.parametrize("kind", ["plain", "gzip", "multi-member gzip"])
 def test_parts_give_the_rows_one_job_gives(tmp_path, rng, kind, monkeypatch):
-    from virnucpro_core import fasta
+    from virnucpro_core.io import fasta
 
     monkeypatch.setattr(fasta, "GZIP_BLOCK", 1 << 12)  # several gzip blocks, so a gzip file has several parts
     records = "".join(f">p{i} d\n{random_protein(rng, int(rng.integers(20, 900)))}\n" for i in range(600))

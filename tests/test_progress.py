@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from conftest import cpu_options, run_stages
-from virnucpro_core import claim, files, progress
+from virnucpro_core.io import files
+from virnucpro_core.run import claim, progress
 from virnucpro_core.cli import main
-from virnucpro_core.layout import Layout
-from virnucpro_core.parts import plan_parts, run_plan
+from virnucpro_core.run.layout import Layout
+from virnucpro_core.run.parts import plan_parts, run_plan
 from virnucpro_core.stages import embed, shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ def claimed_run(tmp_path, name, on_invalid="error", bad=False):
 def test_status_of_a_finished_run(tmp_path, capsys):
     d, fasta, opts = claimed_run(tmp_path, "done")
     run_stages(d, [fasta], opts, MODEL)
-    from virnucpro_core.report import write_report_files
+    from virnucpro_core.stages.report import write_report_files
 
     write_report_files(d)
     st = progress.snapshot(d)

@@ -17,11 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import cpu_options, random_protein, run_stages
-from virnucpro_core import files
-from virnucpro_core.layout import Layout
+from virnucpro_core.io import files
+from virnucpro_core.run.layout import Layout
 from virnucpro_core.options import Options
 from virnucpro_core.stages import embed, merge, shard, spot_check
-from virnucpro_core.parquet import column_array, read_metadata
+from virnucpro_core.io.tables import column_array, read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "resources/example/esm2_t2_tiny_random.pt"
@@ -188,7 +188,7 @@ def test_sigkill_mid_shard_loses_at_most_one_chunk_and_the_rerun_is_bit_identica
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)  # snakemake and its running job, mid-shard
     proc.wait()
-    from virnucpro_core.progress import snapshot
+    from virnucpro_core.run.progress import snapshot
 
     deadline = time.time() + 10  # the killed job's process goes a moment after Snakemake's
     while (st := snapshot(out)).state != "interrupted" and time.time() < deadline:  # what `virnucpro status` reports

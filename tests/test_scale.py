@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from virnucpro_core.options import Options
-from virnucpro_core.parquet import column_array
+from virnucpro_core.io.tables import column_array
 from virnucpro_core.stages import shard
 
 ROOT = Path(__file__).resolve().parents[1]

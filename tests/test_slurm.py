@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from virnucpro_core.parquet import column_array
+from virnucpro_core.io.tables import column_array
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "resources/example/esm2_t2_tiny_random.pt"

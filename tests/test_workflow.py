@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from virnucpro_core.parquet import column_array
+from virnucpro_core.io.tables import column_array
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "resources/example/proteins.faa"
@@ -139,7 +139,7 @@ def test_every_job_stays_within_the_memory_it_asks_for(run):
 @pytest.mark.slow
 def test_status_reports_the_finished_run(run):
     from virnucpro_core.cli import main
-    from virnucpro_core.progress import snapshot
+    from virnucpro_core.run.progress import snapshot
 
     out, _, _ = run
     st = snapshot(out)
@@ -238,7 +238,7 @@ def test_the_terminal_shows_a_summary_with_warnings_or_the_failing_jobs_own_erro
     text = res.stdout + res.stderr
     assert res.returncode != 0
     assert f"virnucpro: the run failed\n  {tmp_path / 'bad'}/logs/shard/part_00000.log: {bad}: record 2 (b): illegal character '1'" in text
-    from virnucpro_core.progress import snapshot
+    from virnucpro_core.run.progress import snapshot
 
     st = snapshot(tmp_path / "bad")  # what `virnucpro status` reports of the failed run
     assert st.state == "failed" and st.failures == [f"{tmp_path / 'bad'}/logs/shard/part_00000.log: {bad}: record 2 (b): "

@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 import yaml
 
-from . import __version__, claim
+from . import __version__
+from .run import claim
 from .options import PATH_KEYS, Options, leaves
 from .schema import markdown_table, schema_yaml
 
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
               yaml.safe_dump(Options().to_dict(), sort_keys=False), end="")
         return 0
     if args.stage == "status":
-        from .progress import report, snapshot
+        from .run.progress import report, snapshot
 
         if not Path(args.outdir).is_dir():
             print(f"error: {args.outdir}: no such folder", file=sys.stderr)
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run("merge", lambda: merge.run(shards / "manifest.json", shards / "skipped.tsv", args.embeddings, args.spot_checks,
                                                args.out, options_from_args(args)))
     if args.stage == "extract":
-        from .extract import esm_extract_options, extract
+        from .run.extract import esm_extract_options, extract
 
         def work():
             opts = esm_extract_options(options_from_args(args), args.repr_layers, args.include, args.truncation_seq_length,
@@ -205,17 +206,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return _run("extract", work)
     if args.stage == "report":
-        from .report import write_report_files
+        from .stages.report import write_report_files
 
         return _run("report", lambda: write_report_files(args.outdir, _read_config(args.config) or None))
     if args.stage == "fetch-model":
-        from .model import fetch_model
+        from .models.loader import fetch_model
 
         return _run("fetch-model", lambda: print(fetch_model(args.name, args.model_dir)))
     if args.stage == "random-model":
         import torch
 
-        from .model import build_esm2, save_checkpoint
+        from .models.loader import build_esm2, save_checkpoint
 
         torch.manual_seed(args.seed)
         save_checkpoint(build_esm2(args.layers, args.dim, args.heads), args.out)
@@ -238,18 +239,18 @@ def job(smk: Any) -> None:
     options = Options.from_dict(config, ignore=tuple(PATH_KEYS))
     i, o, params = smk.input, smk.output, smk.params
     if smk.rule == "shard":
-        from .parts import Part
+        from .run.parts import Part
         from .stages import shard as stage
 
         name, work = "shard", lambda: stage.run_part(Part(**params.part), Path(o.rows).parent, options)
     elif smk.rule == "shard_index":
-        from .parts import Part
+        from .run.parts import Part
         from .stages import shard as stage
 
         name, work = "shard-index", lambda: stage.index([Part(**p) for p in params.parts], Path(o.manifest).parent, options,
                                                         inputs=list(params.inputs))
     elif smk.rule == "embed_shard":
-        from .progress import JobProgress
+        from .run.progress import JobProgress
         from .stages import embed as stage
 
         progress = JobProgress(params.progress, smk.wildcards.shard)
@@ -262,15 +263,15 @@ def job(smk: Any) -> None:
         name, work = "merge", lambda: stage.run(i.manifest, i.skipped, list(i.embeddings), list(i.spot_checks), options.outdir,
                                                 options)
     elif smk.rule == "report_figures":
-        from .report import write_report_files
+        from .stages.report import write_report_files
 
         name, work = "report", lambda: write_report_files(options.outdir, config)
     elif smk.rule == "convert_hf_model":
-        from .hf import convert
+        from .models.huggingface import convert
 
         name, work = "convert", lambda: convert(Path(i.config).parent, o[0])
     elif smk.rule == "fetch_model":
-        from .model import fetch_model
+        from .models.loader import fetch_model
 
         name, work = "fetch-model", lambda: fetch_model(smk.wildcards.name, options.model_dir)
     else:

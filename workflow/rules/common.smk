@@ -6,15 +6,15 @@ from snakemake.utils import validate
 
 # the options and the folder layout come from the core package (both import nothing heavy)
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
-from virnucpro_core import claim, parts, progress, resources, run_summary
-from virnucpro_core.checkpoint import (
+from virnucpro_core.run import claim, memory, parts, progress, summary
+from virnucpro_core.models.checkpoint import (
     check_for_model,
     find_named,
     inspect as checkpoint_shape,
     named_model_problem,
 )
-from virnucpro_core.hf import converted_path, hf_folder, hf_shape, weights_file
-from virnucpro_core.layout import PART_PATTERN, SHARD_PATTERN, Layout
+from virnucpro_core.models.huggingface import converted_path, hf_folder, hf_shape, weights_file
+from virnucpro_core.run.layout import PART_PATTERN, SHARD_PATTERN, Layout
 from virnucpro_core.options import ESM2_MODELS, PATH_KEYS, Options
 
 # types --config values by the options' declarations (nested ones arrive as strings),
@@ -93,13 +93,13 @@ def hf_source(wildcards):
 
 
 def claim_outdir():
-    """One run per outdir (virnucpro_core.claim), with the run's plan for `virnucpro status`; jobs, also those
+    """One run per outdir (virnucpro_core.run.claim), with the run's plan for `virnucpro status`; jobs, also those
     run elsewhere, inherit the run id. Then the run's progress on the terminal, from the files it writes.
     """
     global REPORTER
     if claim.ENV not in os.environ:
         os.environ[claim.ENV] = claim.claim(OPTIONS.outdir, parts.run_plan(PARTS))
-    print(run_summary.progress_hint(OPTIONS.outdir))
+    print(summary.progress_hint(OPTIONS.outdir))
     REPORTER = progress.Reporter(
         OPTIONS.outdir, every_plain=OPTIONS.progress_seconds
     ).start()
@@ -113,9 +113,9 @@ def summarise(ok):
     if REPORTER is not None:
         REPORTER.close()
     if ok:
-        print(run_summary.success(OPTIONS.outdir, gpus_asked()))
+        print(summary.success(OPTIONS.outdir, gpus_asked()))
     else:
-        print(run_summary.failure(OPTIONS.outdir), file=sys.stderr)
+        print(summary.failure(OPTIONS.outdir), file=sys.stderr)
 
 
 MODEL_FILE = model_file()
@@ -147,7 +147,7 @@ check_for_model(OPTIONS, MODEL_LAYERS)
 
 def embed_mem_mb(wildcards, input):
     shard_mb = sum(os.path.getsize(p) for p in input.parts) / 1e6
-    return resources.embed_mb(
+    return memory.embed_mb(
         OPTIONS, MODEL_MB, MODEL_DIM, shard_mb, input.size_mb - MODEL_MB - shard_mb
     )
 

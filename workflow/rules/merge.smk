@@ -22,7 +22,7 @@ rule merge:
         "../../envs/virnucpro.yaml"
     threads: 2
     resources:
-        mem_mb=lambda wildcards, input: resources.merge_mb(input.size_mb),
+        mem_mb=lambda wildcards, input: memory.merge_mb(input.size_mb),
         runtime=60,
     script:
         STAGE

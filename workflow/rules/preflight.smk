@@ -5,7 +5,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
-from virnucpro_core.checkpoint import named_model_problem
+from virnucpro_core.models.checkpoint import named_model_problem
 from virnucpro_core.options import Options
 
 if isinstance(config.get("model"), str):

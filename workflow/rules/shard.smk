@@ -15,7 +15,7 @@ rule shard:
     conda:
         "../../envs/virnucpro.yaml"
     resources:
-        mem_mb=lambda wildcards: resources.part_mb(PART[wildcards.part]),
+        mem_mb=lambda wildcards: memory.part_mb(PART[wildcards.part]),
         runtime=60,
     params:
         part=part_spec,
@@ -39,7 +39,7 @@ rule shard_index:
     conda:
         "../../envs/virnucpro.yaml"
     resources:
-        mem_mb=lambda wildcards, input: resources.index_mb(input.size_mb),
+        mem_mb=lambda wildcards, input: memory.index_mb(input.size_mb),
         runtime=30,
     params:
         parts=[p.to_dict() for p in PARTS],

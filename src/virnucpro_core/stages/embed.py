@@ -30,17 +30,26 @@ import pyarrow.parquet as pq
 import torch
 
 from .. import __version__
-from ..dedup import DUPS_DTYPE, LocalFill, embedding_columns, find_duplicates
-from ..devices import acquire_device
-from ..embed import EmbedResult, Embedder, Outputs, compute_dtype
-from ..files import atomic_path, row_group_rows, sha256, write_json
-from ..model import LoadedModel, load_model
+from ..io.duplicates import DUPS_DTYPE, LocalFill, embedding_columns, find_duplicates
+from ..run.devices import acquire_device
+from ..engine.embedder import EmbedResult, Embedder, Outputs, compute_dtype
+from ..io.files import atomic_path, row_group_rows, sha256, write_json
+from ..models.loader import LoadedModel, load_model
 from ..options import Options
-from ..parts import part_index
-from ..progress import JobProgress
-from ..packing import Plan, build_plan, load_plan, save_plan
-from ..parquet import PARTS_KEY, RUN_KEY, column_array, embeddings_table, keys, provenance_of, read_metadata, writer_options
-from ..resources import chunk_tokens
+from ..run.parts import part_index
+from ..run.progress import JobProgress
+from ..engine.packing import Plan, build_plan, load_plan, save_plan
+from ..io.tables import (
+    PARTS_KEY,
+    RUN_KEY,
+    column_array,
+    embeddings_table,
+    keys,
+    provenance_of,
+    read_metadata,
+    writer_options,
+)
+from ..run.memory import chunk_tokens
 from . import spot_check as check
 from .shard import NUCLEOTIDE_COLUMNS, PART_KEY, Shard, sequence_lengths
 

@@ -37,13 +37,13 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from .. import claim
-from ..dedup import embedding_columns, fill_rows, read_dups
-from ..files import atomic_path, remove_stale, umask, write_json, write_tsv
-from ..layout import Layout
+from ..run import claim
+from ..io.duplicates import embedding_columns, fill_rows, read_dups
+from ..io.files import atomic_path, remove_stale, umask, write_json, write_tsv
+from ..run.layout import Layout
 from ..options import Options
-from ..parquet import PARTS_KEY, RUN_KEY, provenance_of, writer_options
-from ..parts import part_name
+from ..io.tables import PARTS_KEY, RUN_KEY, provenance_of, writer_options
+from ..run.parts import part_name
 from .shard import SKIPPED_COLUMNS, part_paths
 
 log = logging.getLogger(__name__)

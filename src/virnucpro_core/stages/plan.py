@@ -8,10 +8,10 @@ import json
 import logging
 from pathlib import Path
 
-from ..files import write_json
+from ..io.files import write_json
 from ..options import Options
-from ..packing import build_plan, save_plan
-from ..resources import chunk_tokens
+from ..engine.packing import build_plan, save_plan
+from ..run.memory import chunk_tokens
 from .shard import Shard, sequence_lengths
 
 log = logging.getLogger(__name__)

@@ -29,13 +29,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..fasta import FastaError, count_headers, header_id, normalise, normalise_nucleotides, parse_record, raw_records
-from ..files import atomic_path, read_tsv, sha256, write_json, write_tsv
-from ..idset import IdTable, id_hash
-from ..dedup import distinct_keys
-from ..nucleotide import translate_batch
+from ..io.fasta import (
+    FastaError,
+    count_headers,
+    header_id,
+    normalise,
+    normalise_nucleotides,
+    parse_record,
+    raw_records,
+)
+from ..io.files import atomic_path, read_tsv, sha256, write_json, write_tsv
+from ..io.idset import IdTable, id_hash
+from ..io.duplicates import distinct_keys
+from ..io.nucleotide import translate_batch
 from ..options import Options
-from ..parts import PART_FILES, Part, part_name, plan_parts, shard_name, shards, unique_inputs
+from ..run.parts import PART_FILES, Part, part_name, plan_parts, shard_name, shards, unique_inputs
 
 log = logging.getLogger(__name__)
 

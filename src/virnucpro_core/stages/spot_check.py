@@ -18,15 +18,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ..devices import acquire_device
-from ..dedup import read_dups
-from ..embed import Embedder, compute_dtype
-from ..equivalence import Thresholds, compare, cosine, downstream
-from ..files import write_json, write_tsv
-from ..model import LoadedModel, load_model
+from ..run.devices import acquire_device
+from ..io.duplicates import read_dups
+from ..engine.embedder import Embedder, compute_dtype
+from ..engine.equivalence import Thresholds, compare, cosine, downstream
+from ..io.files import write_json, write_tsv
+from ..models.loader import LoadedModel, load_model
 from ..options import Options
-from ..packing import Pack, windows
-from ..parquet import read_metadata, take_rows
+from ..engine.packing import Pack, windows
+from ..io.tables import read_metadata, take_rows
 from .shard import Shard, sequence_lengths
 
 log = logging.getLogger(__name__)

@@ -77,7 +77,7 @@ def convert(folder: str | Path, dest: str | Path) -> Path:
     """Write the fair-esm-format checkpoint of a Hugging Face ESM-2 folder to ``dest``."""
     import torch
 
-    from .files import atomic_path
+    from ..io.files import atomic_path
 
     folder = Path(folder)
     shape = hf_shape(folder)

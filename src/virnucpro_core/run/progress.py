@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import claim
-from .files import write_json
+from ..io.files import write_json
 from .layout import Layout
 
 STALE_SECONDS = 120  # a running job's progress file not updated for this long: the job is gone

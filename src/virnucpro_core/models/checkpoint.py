@@ -20,7 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .options import Options
+from ..options import Options
 
 
 class CheckpointError(ValueError):
@@ -177,7 +177,7 @@ def unreachable(url: str, timeout: float = 5.0) -> str | None:
 def named_model_problem(name: str, model_dir: str | Path) -> str | None:
     """For a fair-esm name with no file here and no network: one sentence saying what is missing,
     where it was looked for and what to do; else None."""
-    from .options import ESM2_MODELS
+    from ..options import ESM2_MODELS
 
     if name not in ESM2_MODELS or find_named(name, model_dir):
         return None

@@ -3,8 +3,8 @@ workflow computes these when it builds the jobs). Measured peaks are in ``benchm
 
 from __future__ import annotations
 
-from .fasta import is_gzip
-from .options import Options
+from ..io.fasta import is_gzip
+from ..options import Options
 
 BASE_MB = 1000  # the interpreter, pyarrow and numpy
 TORCH_MB = 3000  # torch, CUDA context and kernels, the tokenised packs

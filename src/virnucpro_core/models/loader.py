@@ -20,10 +20,19 @@ import esm
 import torch
 from esm.model.esm2 import ESM2
 
-from .checkpoint import MODEL_URL, REGRESSION_URL, CheckpointError, find_named, missing_model_message, shape_of, unreadable, unreachable
-from .files import sha256
-from .hf import convert, converted_path, hf_folder
-from .options import ESM2_MODELS, Options
+from .checkpoint import (
+    MODEL_URL,
+    REGRESSION_URL,
+    CheckpointError,
+    find_named,
+    missing_model_message,
+    shape_of,
+    unreadable,
+    unreachable,
+)
+from ..io.files import sha256
+from .huggingface import convert, converted_path, hf_folder
+from ..options import ESM2_MODELS, Options
 
 log = logging.getLogger(__name__)
 

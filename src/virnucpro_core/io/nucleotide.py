@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .options import NucleotideOptions
+from ..options import NucleotideOptions
 
 NUCLEOTIDES = frozenset("ACGTUNRYSWKMBDHV")
 FRAMES = {"six": (1, 2, 3, -1, -2, -3), "forward": (1, 2, 3), "longest_orf": (1, 2, 3, -1, -2, -3)}

@@ -17,8 +17,8 @@ import os
 import zlib
 from dataclasses import asdict, dataclass
 
-from .fasta import is_gzip, split_points
-from .options import Options
+from ..io.fasta import is_gzip, split_points
+from ..options import Options
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.dataset as ds  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from . import __version__  # noqa: E402
-from .files import read_tsv  # noqa: E402
-from .layout import Layout  # noqa: E402
-from .parquet import column_array, read_metadata  # noqa: E402
+from .. import __version__  # noqa: E402
+from ..io.files import read_tsv  # noqa: E402
+from ..run.layout import Layout  # noqa: E402
+from ..io.tables import column_array, read_metadata  # noqa: E402
 
 log = logging.getLogger(__name__)
 plt.rcParams.update({"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "font.size": 9})

@@ -11,10 +11,10 @@ import os
 from pathlib import Path
 
 from .layout import Layout
-from .model import load_model
-from .options import Options
+from ..models.loader import load_model
+from ..options import Options
 from .progress import Bar
-from .stages import embed, merge, shard
+from ..stages import embed, merge, shard
 
 log = logging.getLogger(__name__)
 

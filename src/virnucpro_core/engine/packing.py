@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .files import write_table
+from ..io.files import write_table
 
 MAX_RESIDUES = 1022  # ESM-2 was trained on 1024 tokens: BOS + 1022 residues + EOS
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .checkpoint import resolve_layers
+from ..models.checkpoint import resolve_layers
 from .equivalence import reference_hidden
-from .model import LoadedModel
-from .options import EmbeddingOptions
-from .packed_esm import POOLINGS, PackedESM2, pool, residues
+from ..models.loader import LoadedModel
+from ..options import EmbeddingOptions
+from .packed_esm2 import POOLINGS, PackedESM2, pool, residues
 from .packing import Pack, Plan
 from .prefetch import prefetch
 from .tokenizer import Tokenizer

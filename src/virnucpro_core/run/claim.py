@@ -25,7 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .files import write_json
+from ..io.files import write_json
 
 ENV = "VIRNUCPRO_RUN"
 LOCK = ".virnucpro-run.lock"
