@@ -149,7 +149,7 @@ def parallel_shard(work: Path, n_reads: int, protein_tokens: int) -> list[dict]:
 def synthetic_embeddings(parts: list[str], out: str, dim: int, rows_per_group: int = 20_000) -> None:
     """A shard's embeddings file as the embed job writes it (columns, compression, footer), random values."""
     from virnucpro_core.io.tables import PARTS_KEY, embeddings_table, writer_options
-    from virnucpro_core.stages.shard import Shard, sequence_lengths
+    from virnucpro_core.io.part_files import Shard, sequence_lengths
 
     shard = Shard(parts)
     t, rng, writer = shard.table, np.random.default_rng(0), None
@@ -211,7 +211,7 @@ PLAN = """
 import numpy as np
 from virnucpro_core.options import Options
 from virnucpro_core.engine.packing import build_plan
-from virnucpro_core.stages.shard import Shard, sequence_lengths
+from virnucpro_core.io.part_files import Shard, sequence_lengths
 lengths = np.concatenate([sequence_lengths(Shard([p]).table) for p in {parts!r}])
 build_plan(lengths, 65536, "truncate", 256, 1022, 16_000_000)
 """

@@ -28,8 +28,9 @@ from bench_embed import dataset  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cli(src: Path, *args: str, importtime: bool = False) -> tuple[float, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), *filter(None, [os.environ.get("PYTHONPATH")])])}
+def cli(*args: str, importtime: bool = False) -> tuple[float, str]:
+    """``python -m virnucpro_core ARGS`` in a fresh process, with this checkout's package: (wall seconds, stderr)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
     cmd = [sys.executable, *(["-X", "importtime"] if importtime else []), "-m", "virnucpro_core", *args]
     t = time.time()
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -65,29 +66,26 @@ def main() -> int:
                         "--heads", heads], check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])})
     fasta = work / "small.faa"
     fasta.write_text("".join(f">p{i}\n{s}\n" for i, s in enumerate(dataset("uniref", args.tokens, seed=3))))
-    src = ROOT / "src"
-    cli(src, "shard", str(fasta), "--out", str(work / "shards"), "--input_parts", "1")
+    cli("shard", str(fasta), "--out", str(work / "shards"), "--input_parts", "1")
     shard = work / "shards/part_00000.parquet"
-    versions = {"new": src}
+    out = work / "embeddings.parquet"
     doc = {"date": datetime.date.today().isoformat(), "tokens": args.tokens, "runs": []}
     for run in range(args.runs):
-        for label, path in versions.items():
-            out = work / f"{label}.parquet"
-            out.unlink(missing_ok=True)
-            last = run == args.runs - 1
-            wall, err = cli(path, "embed", str(shard), "--model", str(model), "--out", str(out), importtime=last)
-            done = json.loads(re.search(r"done: (\{.*\})", err).group(1))
-            ready = re.search(r"ready .*", err)
-            row = {"code": label, "run": run + 1, "wall_s": wall, "startup_s": done.get("startup_seconds"),
-                   "first_pack_s": done.get("first_pack_seconds"), "engine_s": done.get("seconds"),
-                   "ready_line": ready.group(0) if ready else None, "device": done.get("device")}
-            if last:
-                row["slowest_imports"] = slowest_imports(err)
-            doc["runs"].append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "slowest_imports"}), flush=True)
-            for imp in row.get("slowest_imports", [])[:12]:
-                print(f"    {imp['cumulative_s']:6.2f} s  {imp['module']}", flush=True)
-            Path(args.out).write_text(json.dumps(doc, indent=1))
+        out.unlink(missing_ok=True)
+        last = run == args.runs - 1
+        wall, err = cli("embed", str(shard), "--model", str(model), "--out", str(out), importtime=last)
+        done = json.loads(re.search(r"done: (\{.*\})", err).group(1))
+        ready = re.search(r"ready .*", err)
+        row = {"run": run + 1, "wall_s": wall, "startup_s": done.get("startup_seconds"),
+               "first_pack_s": done.get("first_pack_seconds"), "engine_s": done.get("seconds"),
+               "ready_line": ready.group(0) if ready else None, "device": done.get("device")}
+        if last:
+            row["slowest_imports"] = slowest_imports(err)
+        doc["runs"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "slowest_imports"}), flush=True)
+        for imp in row.get("slowest_imports", [])[:12]:
+            print(f"    {imp['cumulative_s']:6.2f} s  {imp['module']}", flush=True)
+        Path(args.out).write_text(json.dumps(doc, indent=1))
     return 0
 
 

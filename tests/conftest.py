@@ -1,10 +1,33 @@
+"""Shared by the tests: the shipped example files, the workflow run from the checkout, a tiny random ESM-2 and
+the stages run in process. Test files import the helpers with ``from conftest import ...``."""
+
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from virnucpro_core.models.loader import LoadedModel, build_esm2, save_checkpoint
 
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: Snakefile, workflow/, resources/
+EXAMPLE = ROOT / "resources/example/proteins.faa"  # 300 proteins, 5 of them over 1022 residues
+READS = ROOT / "resources/example/reads.fna"  # 300 nucleotide reads
+MODEL = ROOT / "resources/example/esm2_t2_tiny_random.pt"  # tiny random ESM-2 (2 layers, 64-d)
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
 AA = "ACDEFGHIKLMNPQRSTVWY"
+
+
+def snakemake(*args: str, cwd=ROOT, timeout: float = 900, **kw) -> subprocess.CompletedProcess:
+    """The workflow run from the checkout (``cwd``) with ``args``, its output captured as text."""
+    return subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def example_records(n: int) -> str:
+    """The first ``n`` records of the shipped example, as FASTA text."""
+    return "".join(">" + r for r in EXAMPLE.read_text().split(">")[1 : n + 1])
 
 
 def random_protein(rng: np.random.Generator, n: int, letters: str = AA) -> str:
@@ -64,3 +87,9 @@ def run_stages(d, inputs, options, model):
     embeddings = [run.shard_embeddings(s["name"]) for s in man["shards"]]
     spots = [run.spot_check(s["name"]) for s in man["shards"]]
     return merge.run(run.manifest, run.shard_skipped, embeddings, spots, d, options), run
+
+
+def example_stages(tmp_path, n_shards: int, budget: int, name: str, **changes):
+    """:func:`run_stages` on the example in ``tmp_path / name``: ``n_shards`` shards, packs of ``budget`` tokens."""
+    d = tmp_path / name
+    return run_stages(d, [EXAMPLE], cpu_options(d, shards=n_shards, **{"packing.token_budget": budget, **changes}), MODEL)

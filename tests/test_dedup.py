@@ -7,12 +7,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import cpu_options, random_protein, run_stages
+from conftest import MODEL, cpu_options, random_protein, run_stages
 from virnucpro_core.io.duplicates import DUPS_DTYPE, LocalFill, distinct_keys, find_duplicates
 from virnucpro_core.io.tables import column_array
-
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "resources/example/esm2_t2_tiny_random.pt"
 
 
 def key(i: int) -> bytes:

@@ -8,21 +8,29 @@ import torch
 from conftest import random_protein
 from virnucpro_core.engine.embedder import Embedder, Outputs, SequenceTooLargeError
 from virnucpro_core.engine.equivalence import reference_hidden
-from virnucpro_core.io.files import write_table
-from virnucpro_core.options import EmbeddingOptions
 from virnucpro_core.engine.packing import Pack, build_plan, windows
-from virnucpro_core.io.tables import column_array, embeddings_table, read_metadata
 from virnucpro_core.engine.tokenizer import Tokenizer
+from virnucpro_core.io.files import write_table
+from virnucpro_core.io.tables import column_array, embeddings_table, read_metadata
+from virnucpro_core.options import EmbeddingOptions
 
 
-def embed(model, seqs, budget=4096, policy="truncate", outputs=None, hook=None):
+def embed(model, seqs, budget=4096, policy="truncate", outputs=None, hook=None, monkeypatch=None):
+    """``hook``: called with each pack before its forward (may raise a fake OOM), patched in with ``monkeypatch``."""
     e = Embedder(model, "cpu", "float32", "reference")
-    e.fail_hook = hook
+    if hook is not None:
+        forward = e._forward
+
+        def hooked(pack, *args):
+            hook(pack)
+            return forward(pack, *args)
+
+        monkeypatch.setattr(e, "_forward", hooked)
     plan = build_plan([len(s) for s in seqs], budget, policy, 200)
     return e.embed(seqs, plan, outputs or Outputs.resolve(model.num_layers, EmbeddingOptions()), ids=[f"seq{i}" for i in range(len(seqs))])
 
 
-def test_oom_splits_packs_and_gives_the_same_embeddings(tiny_model, rng, caplog):
+def test_oom_splits_packs_and_gives_the_same_embeddings(tiny_model, rng, caplog, monkeypatch):
     seqs = [random_protein(rng, n) for n in rng.integers(10, 300, 30)]
     clean = embed(tiny_model, seqs).pooled["embedding"]
 
@@ -30,12 +38,12 @@ def test_oom_splits_packs_and_gives_the_same_embeddings(tiny_model, rng, caplog)
         if len(pack.lengths) > 3:
             raise torch.cuda.OutOfMemoryError("fake OOM")
 
-    split = embed(tiny_model, seqs, hook=oom_on_packs_over_3).pooled["embedding"]
+    split = embed(tiny_model, seqs, hook=oom_on_packs_over_3, monkeypatch=monkeypatch).pooled["embedding"]
     assert "out of memory on a pack" in caplog.text
     np.testing.assert_allclose(split, clean, atol=1e-5)
 
 
-def test_oom_on_a_single_sequence_names_it(tiny_model, rng):
+def test_oom_on_a_single_sequence_names_it(tiny_model, rng, monkeypatch):
     seqs = [random_protein(rng, 50), random_protein(rng, 900)]
 
     def oom_on_long(pack):
@@ -43,7 +51,7 @@ def test_oom_on_a_single_sequence_names_it(tiny_model, rng):
             raise torch.cuda.OutOfMemoryError("fake OOM")
 
     with pytest.raises(SequenceTooLargeError, match="record seq1 \\(row 1\\), 900 residues"):
-        embed(tiny_model, seqs, hook=oom_on_long)
+        embed(tiny_model, seqs, hook=oom_on_long, monkeypatch=monkeypatch)
 
 
 def test_split_policy_averages_windows_weighted_by_residues(tiny_model, rng):

@@ -1,4 +1,4 @@
-"""FASTA parsing, normalisation, bad input and sharding.
+"""FASTA reading (io/fasta.py): parsing, normalisation, bad input.
 
 The block reader is checked against ``reference_read_fasta`` (below: the line-based reader it replaced,
 as it was), and the parts of a file, read one by one, against the whole file."""
@@ -129,28 +129,6 @@ def test_nucleotide_file_warns(tmp_path, caplog):
     p = write(tmp_path, "n.fa", ">r\nACGTACGTNNACGT\n")
     assert len(records(p)) == 1
     assert "looks like a nucleotide file" in caplog.text
-
-
-def test_shards_are_contiguous_balanced_and_deterministic(tmp_path):
-    import pyarrow.parquet as pq
-
-    from virnucpro_core.options import Options
-    from virnucpro_core.stages import shard
-
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(30, 1500, 1000).tolist()
-    p = write(tmp_path, "in.faa", "".join(f">r{i}\n{'M' * n}\n" for i, n in enumerate(lengths)))
-    man = shard.run([str(p)], tmp_path / "a", Options(shards=7))
-    assert len(man["shards"]) == 7 and sum(s["rows"] for s in man["shards"]) == 1000
-    rows = [[pq.read_table(tmp_path / f"a/{n}.parquet") for n in s["parts"]] for s in man["shards"]]
-    ids = [i for shard_rows in rows for t in shard_rows for i in t["id"].to_pylist()]
-    assert ids == [f"r{i}" for i in range(1000)]  # contiguous, input order
-    sums = [sum(len(x) for t in shard_rows for x in t["sequence"].to_pylist()) for shard_rows in rows]
-    assert max(sums) - min(sums) <= 2 * max(lengths)  # balanced by bytes: within a record or two
-    again = shard.run([str(p)], tmp_path / "b", Options(shards=7))
-    assert again["shards"] == man["shards"] and again["parts"] == man["parts"]
-    by_size = shard.run([str(p)], tmp_path / "c", Options(residues_per_shard=100_000))  # estimated from the bytes
-    assert len(by_size["shards"]) == -(-p.stat().st_size // 100_000) and by_size["rows"] == 1000
 
 
 # ------------------------------------------------------------------ the reference: the line-based reader, as it was

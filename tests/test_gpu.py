@@ -1,14 +1,17 @@
 """GPU tests (marker ``gpu``): skipped without CUDA; run on the lent GPU with ``pytest -m gpu``."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
+from conftest import sharpen
 from virnucpro_core.engine import kernels
 from virnucpro_core.engine.attention import position_ids, rotary_tables
 from virnucpro_core.engine.equivalence import reference_hidden
-from virnucpro_core.models.loader import build_esm2
-from virnucpro_core.engine.packed_esm2 import PackedESM2, add_layer_norm, residues, rotate_qk
+from virnucpro_core.engine.packed_esm2 import PYTORCH, TRITON, PackedESM2, add_layer_norm, residues, rotate_qk
+from virnucpro_core.models.loader import LoadedModel, build_esm2
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -65,22 +68,26 @@ def test_triton_linear_gelu_is_the_exact_gelu_of_the_matmul_rounded_once(program
     assert float((got.double() - exact).abs().mean()) < float(torch_err.mean())
 
 
-def test_fused_packed_forward_matches_unpacked():
+def sharpened_model(device="cuda"):
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = build_esm2(6, 320, 20).eval()
-    for layer in model.layers:  # sharpen attention: random init is near uniform and hides position errors
-        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
-            proj.weight.data *= 2.5
-            proj.bias.data *= 2.5
-    model = model.to(torch.bfloat16)
-    lengths = [5, 300, 1000, 60]
+    sharpen(model)
+    return model
+
+
+def pack_of_tokens(lengths):
     rng = np.random.default_rng(0)
     singles = [torch.tensor([0, *rng.integers(4, 24, n), 2], device="cuda") for n in lengths]
-    tokens = torch.cat(singles)
     cu = torch.tensor(np.cumsum([0, *[n + 2 for n in lengths]]), dtype=torch.int32, device="cuda")
+    return singles, torch.cat(singles), cu
+
+
+def test_fused_packed_forward_matches_unpacked():
+    model = sharpened_model().to(torch.bfloat16)
+    singles, tokens, cu = pack_of_tokens([5, 300, 1000, 60])
     engine = PackedESM2(model)
-    assert engine.fused and engine.linear_gelu is kernels.linear_gelu
+    assert engine.fused and engine.ops is TRITON and engine.ops.linear_gelu is kernels.linear_gelu
     packed = residues(engine(tokens, cu, 1002, [6])[6], cu)
     ref = [h[1:-1] for h in reference_hidden(model, singles, 6)]
     for p, r in zip(packed, ref):
@@ -88,16 +95,34 @@ def test_fused_packed_forward_matches_unpacked():
         assert float(cos) > 0.9999
 
 
+def test_packed_esm2_cast_to_the_gpu_equals_one_built_there(monkeypatch):
+    """Built on the host and cast (``.to``), the engine picks the kernels and the GPU's attention and gives
+    what the engine built from the cast model gives, bit for bit; with the kernels off, the PyTorch path."""
+    _, tokens, cu = pack_of_tokens([5, 300, 1000, 60])
+    cast = PackedESM2(sharpened_model("cpu")).to("cuda", torch.bfloat16)
+    built = PackedESM2(sharpened_model("cpu").to("cuda", torch.bfloat16))
+    assert cast.fused and cast.ops is TRITON and cast.backend == built.backend != "reference"
+    assert cast.final_norm.weight.dtype == torch.float32 and cast.layers[0].fc1.weight.dtype == torch.bfloat16
+    got, want = cast(tokens, cu, 1002, [3, 6]), built(tokens, cu, 1002, [3, 6])
+    assert all(torch.equal(got[l], want[l]) for l in want)
+    monkeypatch.setattr(kernels, "available", lambda device: False)
+    plain = PackedESM2(sharpened_model("cpu").to("cuda", torch.bfloat16))
+    assert not plain.fused and plain.ops is PYTORCH
+    for p, r in zip(residues(plain(tokens, cu, 1002, [6])[6], cu), residues(want[6], cu)):
+        assert float(torch.nn.functional.cosine_similarity(p.float().mean(0), r.float().mean(0), dim=0)) > 0.9999
+
+
 def test_pooled_rows_read_from_another_thread_while_the_gpu_computes_the_next_chunk(tiny_model, rng):
     from concurrent.futures import ThreadPoolExecutor
 
-    from virnucpro_core.engine.embedder import Embedder, Outputs
-    from virnucpro_core.options import EmbeddingOptions
-    from virnucpro_core.engine.packing import build_plan
-
     from conftest import random_protein
 
-    emb = Embedder(tiny_model, "cuda", "bfloat16", "auto")
+    from virnucpro_core.engine.embedder import Embedder, Outputs
+    from virnucpro_core.engine.packing import build_plan
+    from virnucpro_core.options import EmbeddingOptions
+
+    model = copy.deepcopy(tiny_model.model)  # the Embedder casts its model in place: not the session's CPU model
+    emb = Embedder(LoadedModel(model, model.alphabet, "tiny", "-", "-"), "cuda", "bfloat16", "auto")
     outputs = Outputs.resolve(tiny_model.num_layers, EmbeddingOptions())
     seqs = [random_protein(rng, int(n)) for n in rng.integers(20, 900, 3000)]
     plan = build_plan([len(s) for s in seqs], 8192, "truncate", 0)
@@ -107,7 +132,7 @@ def test_pooled_rows_read_from_another_thread_while_the_gpu_computes_the_next_ch
         host = pool.submit(lambda: first.pooled["embedding"])  # as the chunk writer does, during the next chunk
         second = emb.embed(seqs, plan, outputs)
         got = host.result()
-    assert got.shape == (len(seqs), tiny_model.embed_dim) and np.isfinite(got).all() and np.abs(got).sum() > 0
+    assert got.shape == (len(seqs), model.embed_dim) and np.isfinite(got).all() and np.abs(got).sum() > 0
     # the same packs again, up to the order of atomic adds: a read racing the copy would differ wildly
     again = second.pooled["embedding"]
     cos = (got * again).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(again, axis=1)

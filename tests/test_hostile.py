@@ -1,4 +1,6 @@
-"""Hostile paths, odd files, clashing runs: every case names its file and loses no record."""
+"""Hostile paths, odd files, clashing runs: names that try to run commands, odd line ends and binary files, a
+fuzzed reader, full disks and killed writers, two runs on one outdir (run.claim), tiny runs and the checks made
+before any job. Every case names its file and loses no record."""
 
 import errno
 import gzip
@@ -8,7 +10,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,26 +20,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import EXAMPLE, MODEL, ROOT, SNAKEMAKE, example_records, snakemake
 from virnucpro_core.io import files
 from virnucpro_core.run import claim
 from virnucpro_core.cli import main
 from virnucpro_core.io.fasta import FastaError, Record, Skipped, read_fasta
-from virnucpro_core.options import Options
 from virnucpro_core.io.tables import read_metadata
-from virnucpro_core.stages import shard
-
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "resources/example/esm2_t2_tiny_random.pt"
-EXAMPLE = ROOT / "resources/example/proteins.faa"
-
-
-def example_records(n: int) -> str:
-    return "".join(">" + r for r in EXAMPLE.read_text().split(">")[1 : n + 1])
-
-
-def snakemake(*args, cwd=ROOT, **kw):
-    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, capture_output=True, text=True, timeout=600, **kw)
-
 
 # ------------------------------------------------------------------ names that try to run commands
 @pytest.mark.slow
@@ -94,14 +81,6 @@ def test_binary_and_foreign_files_stop_naming_the_file(tmp_path, name, data, mes
         with pytest.raises(FastaError, match=re.escape(message)) as exc:
             list(read_fasta([p], mode))
         assert str(exc.value).startswith(str(p))
-
-
-def test_a_file_listed_twice_is_read_once(tmp_path, caplog):
-    p = tmp_path / "a.faa"
-    p.write_text(">a\nMKV\n>b\nMKL\n")
-    man = shard.run([str(p), os.path.join(str(tmp_path), ".", "a.faa")], tmp_path / "shards", Options(shards=1))
-    assert man["rows"] == 2 and [f["records"] for f in man["inputs"]] == [2]
-    assert "listed more than once" in caplog.text
 
 
 # ------------------------------------------------------------------ fuzzing the reader
@@ -234,7 +213,7 @@ def test_a_second_run_from_another_checkout_on_the_same_outdir_stops(tmp_path):
     shutil.copytree(ROOT, other, ignore=shutil.ignore_patterns(".git", ".venv*", ".snakemake", "results*", "__pycache__", ".pytest_cache"))
     out = tmp_path / "shared-out"
     cfg = [f"input={EXAMPLE}", f"model={MODEL}", f"outdir={out}", "shards=2", f"embedding={{lock_dir: {tmp_path / 'locks'}}}"]
-    first = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "2", "--config", *cfg], cwd=ROOT,
+    first = subprocess.Popen([*SNAKEMAKE, "--cores", "2", "--config", *cfg], cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while not (out / claim.CLAIM).exists():
@@ -279,29 +258,13 @@ def test_a_named_model_absent_offline_stops_before_any_job_in_one_line(tmp_path)
     cfg.write_text(yaml.safe_dump({"input": "resources/example/proteins.faa", "model": "esm2_t33_650M_UR50D",
                                    "model_dir": str(tmp_path / "models"), "outdir": str(tmp_path / "out")}))
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
-    res = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", "--configfile", str(cfg)], cwd=ROOT,
-                         capture_output=True, text=True, env=env, timeout=120)
+    res = snakemake("--cores", "1", "--configfile", str(cfg), env=env, timeout=120)
     assert res.returncode == 1
     lines = res.stderr.splitlines()
     assert lines[0].startswith(f"virnucpro: model esm2_t33_650M_UR50D is not in {tmp_path / 'models'}/ or "
                                f"{tmp_path / 'torch/hub/checkpoints'}/ and cannot be downloaded here"), res.stderr
     assert "fetch-model esm2_t33_650M_UR50D" in lines[0] and "Traceback" not in res.stderr
     assert not (tmp_path / "out").exists()  # no job ran
-
-
-def test_a_changed_input_is_caught_by_the_merge(tmp_path):
-    from conftest import cpu_options, run_stages
-    from virnucpro_core.stages import merge
-
-    p = tmp_path / "in.faa"
-    p.write_text(example_records(5))
-    _, run = run_stages(tmp_path / "r", [p], cpu_options(tmp_path, shards=1), MODEL)
-    stat = p.stat()
-    p.write_text(example_records(5).replace("M", "W", 1))  # same size, mtime put back
-    os.utime(p, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    with pytest.raises(RuntimeError, match="is not the file that was sharded"):
-        merge.run(run.manifest, run.shard_skipped, [run.shard_embeddings("shard_0000")], [], tmp_path / "out", cpu_options(tmp_path))
-    assert not (tmp_path / "out/embeddings.parquet").exists()
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])

@@ -1,4 +1,5 @@
-"""Checkpoints: fair-esm release format round trip, hostile files, wrong architectures."""
+"""Models (models/): fair-esm checkpoints (release format round trip, hostile files, wrong architectures),
+named models from fair-esm's URL and the caches, Hugging Face ESM-2 folders converted once and taken by the workflow."""
 
 import argparse
 import json
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import snakemake
 from virnucpro_core.models.loader import CheckpointError, build_esm2, load_checkpoint, load_model, save_checkpoint
 
 
@@ -99,7 +101,7 @@ def test_named_model_uses_fair_esm_url_and_cache(tmp_path, monkeypatch):
             torch.save({"model": {}}, dst)
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
-    monkeypatch.setattr("virnucpro_core.models.loader.unreachable", lambda url: None)  # as if online
+    monkeypatch.setattr("virnucpro_core.models.resolve.unreachable", lambda url: None)  # as if online
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     loaded = load_model("esm2_t6_8M_UR50D", tmp_path)
     assert loaded.num_layers == 6 and loaded.embed_dim == 320
@@ -164,7 +166,7 @@ def test_named_model_found_in_torch_hubs_cache_is_used_offline(tmp_path, monkeyp
 
 def test_named_model_absent_and_offline_says_where_it_looked_and_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr("virnucpro_core.models.loader.unreachable", lambda url: "[Errno -2] Name or service not known")
+    monkeypatch.setattr("virnucpro_core.models.resolve.unreachable", lambda url: "[Errno -2] Name or service not known")
     with pytest.raises(CheckpointError) as err:
         load_model("esm2_t6_8M_UR50D", tmp_path / "models")
     msg = str(err.value)
@@ -235,20 +237,14 @@ def test_org_slash_name_is_found_in_the_hugging_face_cache(tmp_path, monkeypatch
 
 @pytest.mark.slow
 def test_the_workflow_takes_a_hugging_face_folder_as_model(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
     import pyarrow.parquet as pq
 
     from virnucpro_core.io.tables import column_array
 
-    root = Path(__file__).resolve().parents[1]
     tiny_hf_esm(tmp_path / "hf")
     out = tmp_path / "out"
-    res = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--config", f"model={tmp_path / 'hf'}",
-                          f"outdir={out}", f"model_dir={tmp_path / 'models'}", f"embedding={{lock_dir: {tmp_path / 'locks'}}}"],
-                         cwd=root, capture_output=True, text=True, timeout=600)
+    res = snakemake("--cores", "2", "--config", f"model={tmp_path / 'hf'}", f"outdir={out}", f"model_dir={tmp_path / 'models'}",
+                    f"embedding={{lock_dir: {tmp_path / 'locks'}}}", timeout=600)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     assert "convert_hf_model" in res.stdout + res.stderr
     converted = list((tmp_path / "models/converted").glob("*.pt"))

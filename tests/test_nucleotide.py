@@ -4,8 +4,6 @@ reference), id scheme, windows, accounting."""
 import itertools
 import json
 import warnings
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +14,11 @@ from Bio.Seq import Seq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import MODEL, READS, snakemake
 from virnucpro_core.io.nucleotide import (FRAMES, Proteins, Translated, check_nucleotides, codon_table, record_frame,
                                        translate_batch, translate_frame, translate_record, window_starts)
 from virnucpro_core.options import NucleotideOptions
 
-ROOT = Path(__file__).resolve().parents[1]
 # a known gene: M K L V * on +1; its reverse complement carries frames -1..-3
 GENE = "ATGAAACTGGTTTAAGGCATCGCC"
 
@@ -96,16 +94,14 @@ def test_windows_cover_every_base_last_window_anchored():
 @pytest.mark.slow
 @pytest.mark.parametrize("nucleotide", ["{}", "{stops: split, step: 150}"], ids=["defaults", "split-overlapping-windows"])
 def test_reads_workflow_accounts_for_every_record(tmp_path, nucleotide):
-    reads = ROOT / "resources/example/reads.fna"
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--config", f"input={reads}", "input_type=nucleotide",
-           f"model={ROOT / 'resources/example/esm2_t2_tiny_random.pt'}", f"outdir={out}", "shards=2",
-           f"embedding={{lock_dir: {tmp_path / 'locks'}}}", "spot_check={sample: 4}", f"nucleotide={nucleotide}"]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    res = snakemake("--cores", "2", "--config", f"input={READS}", "input_type=nucleotide", f"model={MODEL}", f"outdir={out}",
+                    "shards=2", f"embedding={{lock_dir: {tmp_path / 'locks'}}}", "spot_check={sample: 4}",
+                    f"nucleotide={nucleotide}", timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     t = pq.read_table(out / "embeddings.parquet")
     assert {"parent_id", "window_start", "window_end", "frame"} <= set(t.column_names)
-    read_ids = [line[1:].split()[0] for line in reads.read_text().splitlines() if line.startswith(">")]
+    read_ids = [line[1:].split()[0] for line in READS.read_text().splitlines() if line.startswith(">")]
     skipped = [line.split("\t") for line in (out / "skipped.tsv").read_text().splitlines()[1:]]
     embedded_parents = set(t["parent_id"].to_pylist())
     assert embedded_parents | {s[0] for s in skipped} == set(read_ids)
@@ -158,12 +154,11 @@ def test_shipped_reads_give_unique_ids_with_every_option(frames, tmp_path):
     from virnucpro_core.options import Options
     from virnucpro_core.stages import shard
 
-    reads = ROOT / "resources/example/reads.fna"
     for stops in ("truncate", "split", "keep_x"):
         for step in (None, 150):
             opts = Options(input_type="nucleotide", shards=1, nucleotide=NucleotideOptions(frames=frames, stops=stops, step=step))
             out = tmp_path / f"{stops}-{step}"
-            man = shard.run([str(reads)], out, opts)
+            man = shard.run([str(READS)], out, opts)
             ids = [i for p in man["parts"] for i in pq.read_table(out / f"{p['name']}.parquet", columns=["id"])["id"].to_pylist()]
             assert len(ids) == len(set(ids)) == man["rows"] > 0, (stops, step)
 
@@ -366,7 +361,7 @@ def read_fasta_simple(path: Path) -> tuple[list[str], list[str]]:
 @pytest.mark.parametrize("frames", sorted(FRAMES))
 @pytest.mark.parametrize("stops", ["truncate", "split", "keep_x"])
 def test_shipped_reads_equal_the_biopython_reference(frames, stops):
-    ids, seqs = read_fasta_simple(ROOT / "resources/example/reads.fna")
+    ids, seqs = read_fasta_simple(READS)
     for step in (None, 150):
         assert_batch_equals_reference(ids, seqs, NucleotideOptions(frames=frames, stops=stops, step=step))
 

@@ -1,19 +1,15 @@
 """Every option's default is written once (src/virnucpro_core/options.py): the schema, the CLI,
 config/config.yaml and config/README.md follow it, and values reach the stages unchanged."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import yaml
 
+from conftest import ROOT
 from virnucpro_core.cli import STAGE_OPTIONS, options_from_args, parser
 from virnucpro_core.engine.equivalence import Thresholds
 from virnucpro_core.options import PATH_KEYS, EmbeddingOptions, NucleotideOptions, Options, leaves
 from virnucpro_core.schema import markdown_table, schema_yaml
 
-ROOT = Path(__file__).resolve().parents[1]
 STAGE_ARGS = {
     "shard": ["shard", "in.faa", "--out", "o"],
     "plan": ["plan", "s.parquet", "--out", "p.parquet"],
@@ -121,16 +117,3 @@ def test_options_are_frozen_and_replace_validates():
     with pytest.raises(ValueError, match="embedding.dtype"):
         opts.replace(**{"embedding.dtype": "int8"})
 
-
-def test_rules_build_no_command_lines():
-    """Rules hand paths and options to the core as data (script:), never through a shell."""
-    for smk in (ROOT / "workflow/rules").glob("*.smk"):
-        text = smk.read_text()
-        assert "shell:" not in text and "python -m virnucpro_core" not in text, smk.name
-
-
-def test_report_and_workflow_modules_import_no_torch():
-    code = ("import sys, virnucpro_core.stages.report, virnucpro_core.options, virnucpro_core.run.layout; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr

@@ -1,13 +1,16 @@
 """Packed forward vs fair-esm's own unpadded forward (fp32, CPU, tiny random ESM-2)."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from conftest import random_protein
+from virnucpro_core.engine import kernels
 from virnucpro_core.engine.attention import position_ids, rotary_tables
 from virnucpro_core.engine.equivalence import fp32_rotary, reference_hidden
-from virnucpro_core.engine.packed_esm2 import PackedESM2, pool, residues
+from virnucpro_core.engine.packed_esm2 import PYTORCH, TRITON, PackedESM2, PackedLayer, pool, residues
 from virnucpro_core.engine.packing import Pack
 from virnucpro_core.engine.tokenizer import Tokenizer
 
@@ -19,12 +22,12 @@ def pack_of(seqs):
     return Pack(idx, np.zeros_like(idx), np.array([len(s) for s in seqs]))
 
 
-def run_packed(model, seqs, **kw):
+def run_packed(model, seqs, engine=None, **kw):
     tok = Tokenizer(model.alphabet)
     pack = pack_of(seqs)
     tokens = torch.from_numpy(tok.pack_tokens(seqs, pack))
     cu = torch.from_numpy(pack.cu_seqlens)
-    engine = PackedESM2(model, **kw)
+    engine = engine or PackedESM2(model, **kw)
     layers = list(range(model.num_layers + 1))
     return engine(tokens, cu, max(len(s) for s in seqs) + 2, layers), cu
 
@@ -103,3 +106,42 @@ def test_pooling_matches_esm_extract(tiny_model, rng):
 def test_unknown_backend_is_refused(tiny_model):
     with pytest.raises(ValueError, match="not available"):
         PackedESM2(tiny_model.model, backend="flash_attn")
+
+
+def test_layers_are_modules_that_cast_and_load_the_ordinary_way(tiny_model, rng):
+    """Casting a PackedESM2 gives what building it from the cast model gives, layer norms kept fp32;
+    its state_dict loads into an engine of other weights and gives the same outputs."""
+    seqs = [random_protein(rng, n) for n in (700, 3, 90)]
+    fp32 = PackedESM2(copy.deepcopy(tiny_model.model))
+    assert isinstance(fp32.layers, torch.nn.ModuleList) and all(isinstance(m, PackedLayer) for m in fp32.layers)
+    assert fp32.layers[0].qkv.weight.shape == (3 * 64, 64)
+    names = dict(fp32.named_parameters())
+    assert "layers.0.qkv.weight" in names and "layers.2.ffn_norm.weight" in names and "final_norm.bias" in names
+
+    cast = PackedESM2(copy.deepcopy(tiny_model.model)).to(torch.bfloat16)
+    built = PackedESM2(copy.deepcopy(tiny_model.model).to(torch.bfloat16))
+    assert cast.dtype == built.dtype == torch.bfloat16
+    for (k, a), (k2, b) in zip(cast.state_dict().items(), built.state_dict().items()):
+        assert k == k2 and a.dtype == b.dtype and torch.equal(a, b), k
+        assert a.dtype == (torch.float32 if "norm" in k and not k.startswith("esm2.") else torch.bfloat16), k
+    got, _ = run_packed(tiny_model.model, seqs, cast)
+    want, _ = run_packed(tiny_model.model, seqs, built)
+    assert all(torch.equal(got[l], want[l]) for l in want)
+    assert got[0].dtype == torch.bfloat16 and got[3].dtype == got[1].dtype == torch.float32
+
+    torch.manual_seed(1)
+    other = PackedESM2(copy.deepcopy(tiny_model.model).apply(lambda m: [torch.nn.init.normal_(p) for p in m.parameters(recurse=False)]))
+    before, _ = run_packed(tiny_model.model, seqs, other)
+    other.load_state_dict(fp32.state_dict())
+    after, _ = run_packed(tiny_model.model, seqs, other)
+    want, _ = run_packed(tiny_model.model, seqs, fp32)
+    assert not torch.equal(before[3], want[3])
+    assert all(torch.equal(after[l], want[l]) for l in want)
+
+
+def test_kernels_follow_kernels_available(tiny_model, monkeypatch):
+    engine = PackedESM2(tiny_model.model)
+    assert not engine.fused and engine.ops is PYTORCH  # the CPU
+    monkeypatch.setattr(kernels, "available", lambda device: True)
+    assert PackedESM2(tiny_model.model).ops is TRITON
+    assert engine.float().ops is TRITON  # chosen again after a cast

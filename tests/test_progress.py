@@ -10,17 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cpu_options, run_stages
+from conftest import EXAMPLE, MODEL, cpu_options, run_stages
 from virnucpro_core.io import files
 from virnucpro_core.run import claim, progress
 from virnucpro_core.cli import main
 from virnucpro_core.run.layout import Layout
 from virnucpro_core.run.parts import plan_parts, run_plan
 from virnucpro_core.stages import embed, shard
-
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "resources/example/esm2_t2_tiny_random.pt"
-EXAMPLE = ROOT / "resources/example/proteins.faa"
 
 
 def test_an_embed_jobs_progress_file_is_updated_while_it_runs(tmp_path):

@@ -1,37 +1,31 @@
-"""Reliability: the bad-input matrix through the whole workflow, kill and resume, determinism,
-accounting. Tiny random ESM-2 on the CPU."""
+"""Reliability: the bad-input matrix through the whole workflow, kill and resume (the embed stage's chunks),
+determinism and accounting. Tiny random ESM-2 on the CPU."""
 
 import gzip
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import cpu_options, random_protein, run_stages
+from conftest import EXAMPLE, MODEL, ROOT, SNAKEMAKE, cpu_options, example_stages, random_protein, run_stages
 from virnucpro_core.io import files
+from virnucpro_core.io.part_files import Shard
 from virnucpro_core.run.layout import Layout
-from virnucpro_core.options import Options
-from virnucpro_core.stages import embed, merge, shard, spot_check
+from virnucpro_core.stages import embed, shard
 from virnucpro_core.io.tables import column_array, read_metadata
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "resources/example/esm2_t2_tiny_random.pt"
-EXAMPLE = ROOT / "resources/example/proteins.faa"
 pytestmark = pytest.mark.slow
 
 
 def workflow(tmp_path: Path, inputs: list[Path], *extra: str, name: str = "out", background: bool = False):
     out = tmp_path / name
-    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--config", f"input={[str(p) for p in inputs]}",
+    cmd = [*SNAKEMAKE, "--cores", "2", "--config", f"input={[str(p) for p in inputs]}",
            f"model={MODEL}", f"outdir={out}", "shards=1", f"embedding={{lock_dir: {tmp_path / 'locks'}}}",
            "spot_check={sample: 4}", *extra]
     if background:
@@ -246,7 +240,7 @@ def test_a_failed_embed_job_resumes_from_its_chunks_and_discards_chunks_of_other
 
     # a folder left by a job of other options (here float16 output) is not used
     out.unlink()
-    other = embed.Chunks(out, embed.chunk_key(shard.Shard(s), "", str(MODEL), opts.replace(**{"embedding.output_dtype": "float16"})))
+    other = embed.Chunks(out, embed.chunk_key(Shard(s), "", str(MODEL), opts.replace(**{"embedding.output_dtype": "float16"})))
     files.write_table(ref.slice(0, 3), other.path(0))
     third = embed.run(s, str(MODEL), out, opts)
     assert third["resumed_chunks"] == 0 and pq.read_table(out)["embedding"].equals(ref["embedding"])
@@ -274,46 +268,14 @@ def test_a_failed_write_stops_the_embed_job_and_the_rerun_resumes(tmp_path, monk
 
 
 # ------------------------------------------------------------------ determinism and accounting (in process)
-def stages(tmp_path, n_shards, budget, name, **changes):
-    return run_stages(tmp_path / name, [EXAMPLE], cpu_options(tmp_path / name, shards=n_shards,
-                                                               **{"packing.token_budget": budget, **changes}), MODEL)
-
-
 def test_shard_and_pack_counts_do_not_change_embeddings(tmp_path):
-    _, a = stages(tmp_path, 1, 65536, "a")
-    _, b = stages(tmp_path, 5, 2048, "b")
-    _, c = stages(tmp_path, 1, 65536, "c")
+    _, a = example_stages(tmp_path, 1, 65536, "a")
+    _, b = example_stages(tmp_path, 5, 2048, "b")
+    _, c = example_stages(tmp_path, 1, 65536, "c")
     ta, tb, tc = (pq.read_table(r.embeddings) for r in (a, b, c))
     assert ta["id"].to_pylist() == tb["id"].to_pylist()
     np.testing.assert_allclose(column_array(ta, "embedding"), column_array(tb, "embedding"), atol=1e-5)
     np.testing.assert_array_equal(column_array(ta, "embedding"), column_array(tc, "embedding"))  # rerun: identical
-
-
-def test_merge_fails_loudly_on_a_missing_or_duplicated_record(tmp_path):
-    _, run = stages(tmp_path, 2, 4096, "m")
-    embs = [run.shard_embeddings(f"shard_{i:04d}") for i in range(2)]
-    man = json.loads(Path(run.manifest).read_text())
-    out = tmp_path / "m-out"
-    shutil.rmtree(run.embeddings)
-    with pytest.raises(RuntimeError, match="was not computed from the parts"):
-        merge.run(run.manifest, run.shard_skipped, [embs[0], embs[0]], [], out, Options())
-    shutil.copy(embs[1], tmp_path / "whole.parquet")
-    t = pq.read_table(embs[1])
-    kv = pq.read_metadata(embs[1]).metadata
-    short = t.slice(0, t.num_rows - 1).replace_schema_metadata({k: v for k, v in kv.items() if not k.startswith(b"ARROW")})
-    pq.write_table(short, embs[1])
-    with pytest.raises(RuntimeError, match=f"holds {man['shards'][1]['rows'] - 1} rows, its parts {man['shards'][1]['rows']}"):
-        merge.run(run.manifest, run.shard_skipped, embs, [], out, Options())
-    shutil.copy(tmp_path / "whole.parquet", embs[1])
-    swapped = pq.read_table(embs[0])
-    ids = swapped["id"].to_pylist()
-    ids[3], ids[4] = ids[4], ids[3]
-    swapped = swapped.set_column(0, "id", pa.array(ids)).replace_schema_metadata(
-        {k: v for k, v in pq.read_metadata(embs[0]).metadata.items() if not k.startswith(b"ARROW")})
-    pq.write_table(swapped, embs[0])
-    with pytest.raises(RuntimeError, match="row 3 of .* is .*: records are missing, duplicated or out of input order"):
-        merge.run(run.manifest, run.shard_skipped, embs, [], out, Options())
-    assert not (out / "embeddings.parquet").exists() and not list(out.glob(".embeddings.parquet.*"))  # no temporary output left
 
 
 def test_fewer_records_than_shards(tmp_path):
@@ -323,47 +285,3 @@ def test_fewer_records_than_shards(tmp_path):
     assert len(man["shards"]) == 4 and sorted(s["rows"] for s in man["shards"]) == [0, 0, 1, 1]  # byte ranges with no record
     assert summary["embedded"] == 2 and summary["spot_checked"] == 2
     assert pq.read_table(run.embeddings)["id"].to_pylist() == ["a", "b"]
-
-
-def test_spot_check_uses_the_configured_attention_backend(tmp_path):
-    _, run = stages(tmp_path, 1, 65536, "att")
-    opts = cpu_options(tmp_path, **{"embedding.attention": "torch_varlen"})
-    with pytest.raises(ValueError, match="'torch_varlen' is not available for cpu"):
-        spot_check.run([run.part("part_00000")], run.shard_embeddings("shard_0000"), str(MODEL), tmp_path / "spot.tsv", opts)
-
-
-def test_dataset_output_reads_as_one_table_in_input_order(tmp_path):
-    import duckdb
-    import pandas as pd
-    import polars as pl
-
-    _, run = stages(tmp_path, 3, 65536, "file", **{"merge.output": "file"})
-    d = Path(run.outdir)
-    one = pq.read_table(d / "embeddings.parquet")
-    assert json.loads(Path(run.summary).read_text())["shards"] == {"written": 3}  # three shards: one file is a copy
-    opts = cpu_options(d, **{"merge.output": "auto"})
-    summary = merge.run(run.manifest, run.shard_skipped, [run.shard_embeddings(f"shard_{i:04d}") for i in range(3)], [],
-                        tmp_path / "ds", opts)
-    folder = tmp_path / "ds/embeddings.parquet"
-    assert folder.stat().st_mode & 0o777 == 0o777 & ~files.umask()  # as mkdir makes it, not mkdtemp's 0700
-    assert folder.is_dir() and sorted(p.name for p in folder.iterdir()) == [f"part-{i:05d}.parquet" for i in range(3)]
-    assert summary["embedded"] == 300 and summary["output"] == "dataset" and summary["shards"] == {"linked": 3}
-    for i in range(3):  # the shards' own files, not copies
-        assert (folder / f"part-{i:05d}.parquet").stat().st_ino == Path(run.shard_embeddings(f"shard_{i:04d}")).stat().st_ino
-    ids = one["id"].to_pylist()
-    emb = column_array(one, "embedding")
-    back = pq.read_table(folder)
-    assert back["id"].to_pylist() == ids
-    np.testing.assert_array_equal(column_array(back, "embedding"), emb)
-    df = pd.read_parquet(folder)
-    assert df["id"].tolist() == ids and np.array_equal(np.stack(df["embedding"].to_numpy()), emb)
-    pf = pl.read_parquet(folder / "*.parquet")
-    assert pf["id"].to_list() == ids and np.array_equal(pf["embedding"].to_numpy(), emb)
-    rows = duckdb.sql(f"SELECT id, embedding FROM read_parquet('{folder}/*.parquet')").fetchall()
-    # README's nearest-neighbour query: DuckDB's cosine is numpy's
-    cos = duckdb.sql(f"SELECT b.id, list_cosine_similarity(a.embedding, b.embedding) FROM '{d / 'embeddings.parquet'}' a, "
-                     f"'{d / 'embeddings.parquet'}' b WHERE a.id = '{ids[0]}'").fetchall()
-    X = column_array(one, "embedding").astype(np.float64)
-    expected = X @ X[0] / (np.linalg.norm(X, axis=1) * np.linalg.norm(X[0]))
-    np.testing.assert_allclose([c for _, c in cos], expected[[ids.index(i) for i, _ in cos]], atol=1e-5)
-    assert [r[0] for r in rows] == ids and np.allclose(np.array([r[1] for r in rows]), emb)

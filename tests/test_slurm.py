@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -15,11 +14,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import EXAMPLE, MODEL, ROOT, SNAKEMAKE
 from virnucpro_core.io.tables import column_array
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "resources/example/esm2_t2_tiny_random.pt"
-EXAMPLE = ROOT / "resources/example/proteins.faa"
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 # test-only settings: no accounting daemon (sacct fails, so the plugin polls squeue), quick
@@ -55,7 +52,7 @@ def cluster(tmp_path_factory):
 
 def run(out: Path, *extra: str, env=None) -> subprocess.CompletedProcess:
     cfg = [f"input={EXAMPLE}", f"model={MODEL}", f"outdir={out}", "shards=2", f"embedding={{lock_dir: {out.parent / 'locks'}}}"]
-    cmd = ["timeout", "-k", "20", "900", sys.executable, "-m", "snakemake", *extra, "--config", *cfg]
+    cmd = ["timeout", "-k", "20", "900", *SNAKEMAKE, *extra, "--config", *cfg]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
 
 

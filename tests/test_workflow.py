@@ -1,26 +1,22 @@
-"""End to end: the Snakemake workflow on the shipped example FASTA, tiny random ESM-2, CPU."""
+"""The Snakemake workflow itself: end to end on the shipped example FASTA (tiny random ESM-2, CPU), its outputs,
+logs, report and terminal lines; lint, formatting, profiles and config errors; the rule files (no shell commands,
+no torch in the scheduler's imports); `virnucpro extract`, which runs the same stages in one command."""
 
+import ast
+import importlib.util
 import json
 import re
 import subprocess
 import sys
-from pathlib import Path
+import textwrap
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import EXAMPLE, MODEL, ROOT, snakemake
 from virnucpro_core.io.tables import column_array
-
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "resources/example/proteins.faa"
-MODEL = ROOT / "resources/example/esm2_t2_tiny_random.pt"
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-
-
-def snakemake(*args, cwd=ROOT):
-    return subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +181,68 @@ def test_bad_config_value_is_named(tmp_path):
 def test_missing_input_is_named(tmp_path):
     res = snakemake("-n", "--cores", "1", "--config", f"outdir={tmp_path}", "input=nope/*.faa")
     assert res.returncode != 0 and "no file matches 'nope/*.faa'" in res.stdout + res.stderr
+
+
+# ------------------------------------------------------------------ the rule files
+RULE_FILES = [ROOT / "Snakefile", *sorted((ROOT / "workflow/rules").glob("*.smk"))]
+# an import of the core in a rule file: one line (or lines joined by \), or a parenthesised list of names
+CORE_IMPORT = re.compile(r"^[ \t]*(?:from[ \t]+virnucpro_core\b[\w.]*[ \t]+import[ \t]+(?:\([^)]*\)|(?:[^\n]*\\\n)*[^\n]*)"
+                         r"|import[ \t]+virnucpro_core\b(?:[^\n]*\\\n)*[^\n]*)", re.M)
+
+
+def is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a name defined in a module, not a module
+        return False
+
+
+def rule_file_core_modules() -> list[str]:
+    """Every virnucpro_core module that the Snakefile and workflow/rules/*.smk import: the module of each
+    ``from ... import`` and each name it imports that is a module itself (``from virnucpro_core.run import claim,
+    memory`` gives virnucpro_core.run, virnucpro_core.run.claim and virnucpro_core.run.memory)."""
+    found = set()
+    for f in RULE_FILES:
+        for m in CORE_IMPORT.finditer(f.read_text()):
+            for node in ast.walk(ast.parse(textwrap.dedent(m.group(0)), str(f))):
+                if isinstance(node, ast.Import):
+                    found.update(a.name for a in node.names if a.name.split(".")[0] == "virnucpro_core")
+                elif isinstance(node, ast.ImportFrom):
+                    found.add(node.module)
+                    found.update(f"{node.module}.{a.name}" for a in node.names if is_module(f"{node.module}.{a.name}"))
+    return sorted(found)
+
+
+def test_rules_build_no_command_lines():
+    """Rules hand paths and options to the core as data (script:), never through a shell."""
+    for smk in (ROOT / "workflow/rules").glob("*.smk"):
+        text = smk.read_text()
+        assert "shell:" not in text and "python -m virnucpro_core" not in text, smk.name
+
+
+def test_report_and_workflow_modules_import_no_torch():
+    """Snakemake reads the rule files at every start (the run, each job, each dry run): no module they import may
+    pull in torch or fair-esm. The modules are read from the rule files, so an import added to them is checked too;
+    the report's stage is checked as well (its job draws the figures without torch)."""
+    modules = rule_file_core_modules()
+    assert modules and {"virnucpro_core.options", "virnucpro_core.run.layout", "virnucpro_core.run.progress"} <= set(modules), modules
+    modules.append("virnucpro_core.stages.report")
+    code = textwrap.dedent(f"""
+        import importlib, json, sys
+        sys.path.insert(0, {str(ROOT / "src")!r})  # as the rule files do
+        heavy = {{}}
+        for name in {modules!r}:
+            importlib.import_module(name)
+            for mod in ("torch", "esm"):
+                if mod in sys.modules:
+                    heavy.setdefault(mod, name)
+        print(json.dumps({{"heavy": heavy, "modules": sorted(m for m in sys.modules if m.startswith("virnucpro_core"))}}))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert set(modules) <= set(got["modules"])
+    assert not got["heavy"], f"in sys.modules after importing (first module to pull it in): {got['heavy']}"
 
 
 @pytest.mark.slow

@@ -156,6 +156,23 @@ def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
 
 
+# every stage's function, named once: the command line (main) and the rules (job) both call through here
+STAGES = {
+    "shard": "stages.shard:run", "shard-part": "stages.shard:run_part", "shard-index": "stages.shard:index",
+    "plan": "stages.plan:run", "embed": "stages.embed:run", "spot-check": "stages.spot_check:run",
+    "merge": "stages.merge:run", "report": "stages.report:write_report_files", "extract": "run.extract:extract",
+    "fetch-model": "models.loader:fetch_model", "convert": "models.huggingface:convert",
+}
+
+
+def stage(name: str) -> Callable[..., Any]:
+    """The function of stage ``name``, imported when asked for (torch only where a stage needs it)."""
+    import importlib
+
+    module, fn = STAGES[name].split(":")
+    return getattr(importlib.import_module(f".{module}", __package__), fn)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.stage == "options":
@@ -171,48 +188,6 @@ def main(argv: list[str] | None = None) -> int:
         st = snapshot(args.outdir)
         print(report(st))
         return 0 if st.state != "failed" else 1
-    _logging()
-    if args.stage == "shard":
-        from .stages import shard
-
-        return _run("shard", lambda: shard.run(args.inputs, args.out, options_from_args(args), jobs=args.jobs))
-    if args.stage == "plan":
-        from .stages import plan
-
-        return _run("plan", lambda: plan.run(args.parts, args.out, args.stats, options_from_args(args)))
-    if args.stage == "embed":
-        from .stages import embed
-
-        return _run("embed", lambda: embed.run(args.parts, args.model, args.out, options_from_args(args), earlier=args.earlier,
-                                                plan=args.plan, dups_out=args.dups, spot_check=args.spot_check))
-    if args.stage == "spot-check":
-        from .stages import spot_check
-
-        return _run("spot-check", lambda: spot_check.run(args.parts, args.embeddings, args.model, args.out,
-                                                         options_from_args(args)))
-    if args.stage == "merge":
-        from .stages import merge
-
-        shards = Path(args.shard_dir)
-        return _run("merge", lambda: merge.run(shards / "manifest.json", shards / "skipped.tsv", args.embeddings, args.spot_checks,
-                                               args.out, options_from_args(args)))
-    if args.stage == "extract":
-        from .run.extract import esm_extract_options, extract
-
-        def work():
-            opts = esm_extract_options(options_from_args(args), args.repr_layers, args.include, args.truncation_seq_length,
-                                       args.toks_per_batch, args.nogpu)
-            extract(args.model, args.fasta, args.out_dir, opts)
-
-        return _run("extract", work)
-    if args.stage == "report":
-        from .stages.report import write_report_files
-
-        return _run("report", lambda: write_report_files(args.outdir, _read_config(args.config) or None))
-    if args.stage == "fetch-model":
-        from .models.loader import fetch_model
-
-        return _run("fetch-model", lambda: print(fetch_model(args.name, args.model_dir)))
     if args.stage == "random-model":
         import torch
 
@@ -220,7 +195,30 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.manual_seed(args.seed)
         save_checkpoint(build_esm2(args.layers, args.dim, args.heads), args.out)
-    return 0
+        return 0
+    _logging()
+    name = args.stage
+    if name == "fetch-model":
+        return _run(name, lambda: print(stage(name)(args.name, args.model_dir)))
+    if name == "report":
+        return _run(name, lambda: stage(name)(args.outdir, _read_config(args.config) or None))
+    options = options_from_args(args)
+    if name == "extract":
+        from .run.extract import esm_extract_options
+
+        return _run(name, lambda: stage(name)(args.model, args.fasta, args.out_dir, esm_extract_options(
+            options, args.repr_layers, args.include, args.truncation_seq_length, args.toks_per_batch, args.nogpu)))
+    shard_dir = Path(getattr(args, "shard_dir", "") or ".")
+    pos, kw = {
+        "shard": lambda: ((args.inputs, args.out, options, args.jobs), {}),
+        "plan": lambda: ((args.parts, args.out, args.stats, options), {}),
+        "embed": lambda: ((args.parts, args.model, args.out, options),
+                          {"earlier": args.earlier, "plan": args.plan, "dups_out": args.dups, "spot_check": args.spot_check}),
+        "spot-check": lambda: ((args.parts, args.embeddings, args.model, args.out, options), {}),
+        "merge": lambda: ((shard_dir / "manifest.json", shard_dir / "skipped.tsv", args.embeddings, args.spot_checks,
+                           args.out, options), {}),
+    }[name]()
+    return _run(name, lambda: stage(name)(*pos, **kw))
 
 
 # ------------------------------------------------------------------ Snakemake's script: directive
@@ -238,44 +236,30 @@ def job(smk: Any) -> None:
     config = dict(smk.config)
     options = Options.from_dict(config, ignore=tuple(PATH_KEYS))
     i, o, params = smk.input, smk.output, smk.params
-    if smk.rule == "shard":
-        from .run.parts import Part
-        from .stages import shard as stage
-
-        name, work = "shard", lambda: stage.run_part(Part(**params.part), Path(o.rows).parent, options)
-    elif smk.rule == "shard_index":
-        from .run.parts import Part
-        from .stages import shard as stage
-
-        name, work = "shard-index", lambda: stage.index([Part(**p) for p in params.parts], Path(o.manifest).parent, options,
-                                                        inputs=list(params.inputs))
-    elif smk.rule == "embed_shard":
-        from .run.progress import JobProgress
-        from .stages import embed as stage
-
-        progress = JobProgress(params.progress, smk.wildcards.shard)
-        name, work = "embed", lambda: stage.run(list(i.parts), i.model, o.embeddings, options, earlier=list(i.earlier),
-                                                plan_out=o.plan, dups_out=o.dups, stats_out=o.stats, spot_check=o.spot_check,
-                                                progress=progress)
-    elif smk.rule == "merge":
-        from .stages import merge as stage
-
-        name, work = "merge", lambda: stage.run(i.manifest, i.skipped, list(i.embeddings), list(i.spot_checks), options.outdir,
-                                                options)
-    elif smk.rule == "report_figures":
-        from .stages.report import write_report_files
-
-        name, work = "report", lambda: write_report_files(options.outdir, config)
-    elif smk.rule == "convert_hf_model":
-        from .models.huggingface import convert
-
-        name, work = "convert", lambda: convert(Path(i.config).parent, o[0])
-    elif smk.rule == "fetch_model":
-        from .models.loader import fetch_model
-
-        name, work = "fetch-model", lambda: fetch_model(smk.wildcards.name, options.model_dir)
-    else:
+    rule_stage = {"shard": "shard-part", "shard_index": "shard-index", "embed_shard": "embed", "merge": "merge",
+                  "report_figures": "report", "convert_hf_model": "convert", "fetch_model": "fetch-model"}
+    if smk.rule not in rule_stage:
         raise ValueError(f"no stage for rule {smk.rule!r}")
+    name = rule_stage[smk.rule]
+    if name in ("shard-part", "shard-index"):
+        from .run.parts import Part
+    if name == "embed":
+        from .run.progress import JobProgress
+
+    args = {
+        "shard-part": lambda: ((Part(**params.part), Path(o.rows).parent, options), {}),
+        "shard-index": lambda: (([Part(**p) for p in params.parts], Path(o.manifest).parent, options),
+                                {"inputs": list(params.inputs)}),
+        "embed": lambda: ((list(i.parts), i.model, o.embeddings, options),
+                          {"earlier": list(i.earlier), "plan_out": o.plan, "dups_out": o.dups, "stats_out": o.stats,
+                           "spot_check": o.spot_check, "progress": JobProgress(params.progress, smk.wildcards.shard)}),
+        "merge": lambda: ((i.manifest, i.skipped, list(i.embeddings), list(i.spot_checks), options.outdir, options), {}),
+        "report": lambda: ((options.outdir, config), {}),
+        "convert": lambda: ((Path(i.config).parent, o[0]), {}),
+        "fetch-model": lambda: ((smk.wildcards.name, options.model_dir), {}),
+    }[name]
+    pos, kw = args()
+    work = lambda: stage(name)(*pos, **kw)  # noqa: E731
 
     def checked():
         run_id = os.environ.get(claim.ENV)

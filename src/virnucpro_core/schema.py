@@ -12,14 +12,14 @@ from typing import Any
 
 import yaml
 
-from .options import PATH_KEYS, Options, _hints, _parts, _plain, leaves
+from .options import PATH_KEYS, Options, field_types, optional_of, plain, leaves
 
 _JSON_TYPES = {int: "integer", float: "number", str: "string", bool: "boolean"}
 
 
 def _field_schema(hint: Any, f: dataclasses.Field) -> dict:
     meta = f.metadata
-    base, nullable = _parts(hint)
+    base, nullable = optional_of(hint)
     if dataclasses.is_dataclass(base):
         return {"description": meta["doc"], **_object_schema(base), "default": {}}
     s: dict = {"description": meta["doc"]}
@@ -36,12 +36,12 @@ def _field_schema(hint: Any, f: dataclasses.Field) -> dict:
         for k in ("minimum", "maximum"):
             if meta.get(k) is not None:
                 s[k] = meta[k]
-    s["default"] = _plain(f.default)
+    s["default"] = plain(f.default)
     return s
 
 
 def _object_schema(cls: type) -> dict:
-    hints = _hints(cls)
+    hints = field_types(cls)
     return {"type": "object", "additionalProperties": False,
             "properties": {f.name: _field_schema(hints[f.name], f) for f in dataclasses.fields(cls)}}
 
@@ -65,6 +65,6 @@ def markdown_table() -> str:
     rows = ["| key | default | what it does |", "|---|---|---|"]
     rows += [f"| `{k}` | (required) | {v['doc']} |" for k, v in PATH_KEYS.items()]
     for key, f, _ in leaves():
-        default = yaml.safe_dump(_plain(f.default), default_flow_style=True).strip().removesuffix("...").strip()
+        default = yaml.safe_dump(plain(f.default), default_flow_style=True).strip().removesuffix("...").strip()
         rows.append(f"| `{key}` | `{default}` | {f.metadata['doc']} |")
     return "\n".join(rows) + "\n"

@@ -6,16 +6,12 @@ from snakemake.utils import validate
 
 # the options and the folder layout come from the core package (both import nothing heavy)
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
+from virnucpro_core.models.checkpoint import CheckpointError
+from virnucpro_core.models.huggingface import weights_file
+from virnucpro_core.models.resolve import resolve
+from virnucpro_core.options import PATH_KEYS, Options, check_for_model
 from virnucpro_core.run import claim, memory, parts, progress, summary
-from virnucpro_core.models.checkpoint import (
-    check_for_model,
-    find_named,
-    inspect as checkpoint_shape,
-    named_model_problem,
-)
-from virnucpro_core.models.huggingface import converted_path, hf_folder, hf_shape, weights_file
 from virnucpro_core.run.layout import PART_PATTERN, SHARD_PATTERN, Layout
-from virnucpro_core.options import ESM2_MODELS, PATH_KEYS, Options
 
 # types --config values by the options' declarations (nested ones arrive as strings),
 # fills in the defaults, and names any unknown key or bad value
@@ -61,34 +57,20 @@ def stop(message):
     sys.exit(1)
 
 
-def model_file():
-    """A named model: its release file in model_dir or torch hub's cache, else fetched by
-    fetch_model into model_dir, if the network allows; a checkpoint path is used as is.
+def model_source():
+    """What config 'model' names (virnucpro_core.models.resolve): a named model's release file, found or
+    fetched by fetch_model into model_dir if the network allows; a Hugging Face folder's conversion (made
+    once by convert_hf_model); a checkpoint path as is. A spec that names nothing usable stops the run.
     """
-    model = config["model"]
-    if model in ESM2_MODELS:
-        problem = named_model_problem(model, OPTIONS.model_dir)
-        if problem:
-            stop(problem)
-        return str(
-            find_named(model, OPTIONS.model_dir)
-            or os.path.join(OPTIONS.model_dir, f"{model}.pt")
-        )
-    folder = hf_folder(model)
-    if folder is not None:  # converted once by convert_hf_model
-        return str(converted_path(folder, OPTIONS.model_dir))
-    if not os.path.isfile(model):
-        stop(
-            f"config 'model': {model!r} is neither a fair-esm ESM-2 name "
-            f"({', '.join(ESM2_MODELS)}), an existing checkpoint file, nor a Hugging Face "
-            "ESM-2 (a folder with config.json, or org/name in the Hugging Face cache)"
-        )
-    return model
+    try:
+        return resolve(config["model"], OPTIONS.model_dir)
+    except CheckpointError as exc:
+        stop(str(exc))
 
 
 def hf_source(wildcards):
     """The Hugging Face folder's config and weights, for convert_hf_model."""
-    folder = hf_folder(config["model"])
+    folder = MODEL.folder
     return {"config": str(folder / "config.json"), "weights": str(weights_file(folder))}
 
 
@@ -118,29 +100,9 @@ def summarise(ok):
         print(summary.failure(OPTIONS.outdir), file=sys.stderr)
 
 
-MODEL_FILE = model_file()
-
-
-def model_shape():
-    """(layers, embed dim, checkpoint MB) of the configured model: from the checkpoint's own
-    index, or fair-esm's table for a named model still to be downloaded."""
-    folder = hf_folder(config["model"])
-    if folder is not None:
-        shape = hf_shape(folder)
-        return (
-            shape.layers,
-            shape.embed_dim,
-            os.path.getsize(weights_file(folder)) / 1e6,
-        )
-    path = MODEL_FILE
-    if os.path.isfile(path):
-        shape = checkpoint_shape(path)
-        return shape.layers, shape.embed_dim, os.path.getsize(path) / 1e6
-    layers, dim, _ = ESM2_MODELS[config["model"]]
-    return layers, dim, 12 * layers * dim * dim * 4 / 1e6  # fp32 release file
-
-
-MODEL_LAYERS, MODEL_DIM, MODEL_MB = model_shape()
+MODEL = model_source()
+MODEL_FILE = str(MODEL.file)
+MODEL_LAYERS, MODEL_DIM, MODEL_MB = MODEL.shape()
 # options that depend on the model fail here, before any job
 check_for_model(OPTIONS, MODEL_LAYERS)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..models.checkpoint import resolve_layers
+from ..options import resolve_layers
 from .equivalence import reference_hidden
 from ..models.loader import LoadedModel
 from ..options import EmbeddingOptions
@@ -122,16 +122,17 @@ class Embedder:
         device: str | torch.device,
         dtype: str,
         backend: str,
-        fused: bool | None = None,
     ) -> None:
-        """``fused``: the element-wise work of each layer in Triton kernels (default: on a GPU)."""
+        """The engine on ``device``, computing in ``dtype``, attention ``backend`` (or ``auto``)."""
         self.device = torch.device(device)
         self.dtype_name = dtype
-        cast = DTYPES[dtype]
-        model = to_device(loaded.model, self.device, cast).eval()
-        self.packed = PackedESM2(model, backend, fused=fused)
+        # The cast: fair-esm's model onto the device, its floating tensors in the compute dtype (in place:
+        # ``loaded.model`` is this model afterwards), then the packed engine built from it there (q/k/v fused on
+        # the device, layer norms kept fp32: PackedESM2's dtype rules). Casting a PackedESM2 built on the host
+        # gives the same tensors, but fuses q/k/v on the host and checks the attention backend for the host.
+        model = to_device(loaded.model, self.device, DTYPES[dtype]).eval()
+        self.packed = PackedESM2(model, backend)
         self.tokenizer = Tokenizer(loaded.alphabet)
-        self.fail_hook = None  # tests: called with each pack before its forward, may raise OOM
         self._ids: list[str] | None = None
 
     @property
@@ -153,8 +154,6 @@ class Embedder:
         return [h[1:-1] for h in reference_hidden(self.packed.esm2, singles, layer)]
 
     def _forward(self, pack: Pack, tokens: torch.Tensor, cu: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
-        if self.fail_hook is not None:
-            self.fail_hook(pack)
         return self.packed(tokens, cu, int(pack.lengths.max()) + 2, layers)
 
     def _run(self, pack: Pack, first: int, tokens: torch.Tensor, cu: torch.Tensor, outputs: Outputs, sink) -> None:
@@ -280,3 +279,10 @@ def _merge_residues(parts: dict[int, torch.Tensor], item_record, item_start, ite
         sums[r][s : s + n] += t.numpy()
         counts[r][s : s + n] += 1
     return [s / np.maximum(c, 1) for s, c in zip(sums, counts)]
+
+
+def build_embedder(loaded: LoadedModel, device: str, options) -> Embedder:
+    """The engine as the options configure it (``embedding.dtype``, float32 on the CPU; ``embedding.attention``),
+    with the model on ``device``: what the embed and spot-check stages build."""
+    e = options.embedding
+    return Embedder(loaded, device, compute_dtype(device, e.dtype), e.attention)

@@ -7,7 +7,7 @@
 - :func:`rotary_qk`: rotary q/k read straight from the fused q/k/v projection, in fp32 with the fp32
   tables, written contiguous for attention (v goes to attention as a view).
 
-They compute what :mod:`.packed_esm`'s PyTorch path computes (the CPU and reference path), in the
+They compute what :mod:`.packed_esm2`'s PyTorch path (``PYTORCH``, the CPU and reference path) computes, in the
 same order, except that fc1's output is not rounded before the GELU. They replaced torch.compile
 (an embed job no longer imports the compiler and loads its cache: about 12 s of start-up on the
 H200). Triton keeps compiled kernels in its on-disk cache (``~/.triton/cache``): a job loads them in
@@ -23,7 +23,7 @@ try:
     import triton
     import triton.language as tl
     from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # CPU-only installs: the PyTorch path of packed_esm is used
+except ImportError:  # CPU-only installs: the PyTorch path of packed_esm2 is used
     triton = None
 
 if triton is not None:
@@ -82,7 +82,7 @@ if triton is not None:
     def _linear_gelu(x_desc, w_desc, out_desc, bias, M, N, K, programs, BM: tl.constexpr, BN: tl.constexpr,
                      BK: tl.constexpr, GROUP_M: tl.constexpr, ACT: tl.constexpr):
         """out (M, N) = ACT(x (M, K) @ w (N, K).T + bias), in fp32 until the store; ACT is _gelu_fp32 (other
-        functions: benchmarks/fc1_epilogue_probe.py). One (BM, BN) tile after another over a persistent grid
+        functions tried: docs/performance.md, Finished experiments). One (BM, BN) tile after another over a persistent grid
         of ``programs``, in groups of GROUP_M row tiles so that a group's x rows stay in L2."""
         tiles_m, tiles_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
         for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, programs, flatten=True):

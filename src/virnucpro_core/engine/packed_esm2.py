@@ -1,64 +1,43 @@
 """Packed ESM-2 forward: one 1-D token tensor with ``cu_seqlens``, no padding.
 
-Reuses the weights of a fair-esm ``ESM2`` (q/k/v fused into one projection) and computes
-what fair-esm's forward computes, sequence by sequence:
-token-dropout scale, pre-LN layers, rotary q/k (fp32 tables, positions restarting at every
-sequence), varlen attention with scale 1/sqrt(head_dim), exact GELU, final layer norm.
-The residual stream is kept in fp32; the matmuls run in the model's dtype. On a GPU the work
-besides cuBLAS's matmuls is Triton kernels (:mod:`.kernels`: residual add + layer norm, rotary, and
-fc1 with its GELU); elsewhere it is PyTorch (the functions below), the same arithmetic in the same
-order except that the kernels round fc1's output once, after the GELU.
+:class:`PackedESM2` wraps a fair-esm ``ESM2`` and computes what fair-esm's forward computes, sequence
+by sequence: token-dropout scale, pre-LN layers, rotary q/k (fp32 tables, positions restarting at
+every sequence), varlen attention with scale 1/sqrt(head_dim), exact GELU, final layer norm. Each of
+its :class:`PackedLayer` is built from one fair-esm ``TransformerLayer`` (its linear modules shared,
+q/k/v fused into one projection, the layer norms held in fp32) and reads like it::
+
+    x = x + self.attention(self.attn_norm(x), pack)
+    x = x + self.ffn(self.ffn_norm(x), pack)
+
+``x`` is a :class:`Residual`: the fp32 residual stream plus the last matmul's output not yet added to
+it. ``x + update`` only records the update; the next layer norm adds it and normalises in one pass
+(on a GPU one Triton kernel, in place on the stream): the residual add fused with the next layer norm.
+The matmuls run in the model's dtype. On a GPU the work besides cuBLAS's matmuls and attention is
+Triton kernels (:mod:`.kernels`: residual add + layer norm, rotary, and fc1 with its GELU); elsewhere
+it is PyTorch (the functions below, :data:`PYTORCH`), the same arithmetic in the same order except
+that the kernels round fc1's output once, after the GELU.
 
 Shapes: T tokens in the pack, D model dim, H heads, d = D / H head dim, S sequences.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from esm.model.esm2 import ESM2
+from esm.modules import TransformerLayer
 from torch import Tensor, nn
 
 from . import kernels
-from .attention import apply_rotary, position_ids, resolve_backend, rotary_tables
+from .attention import Attention, apply_rotary, position_ids, resolve_backend, rotary_tables
 
 POOLINGS = ("mean", "bos")
 
 
-class LayerWeights(NamedTuple):
-    """One transformer layer: pre-LN attention, then pre-LN feed-forward (fair-esm's names in comments)."""
-
-    attn_ln_w: Tensor  # self_attn_layer_norm (fp32)
-    attn_ln_b: Tensor
-    qkv_w: Tensor  # q_proj, k_proj, v_proj stacked: (3D, D)
-    qkv_b: Tensor
-    out_w: Tensor  # self_attn.out_proj
-    out_b: Tensor
-    ffn_ln_w: Tensor  # final_layer_norm (fp32)
-    ffn_ln_b: Tensor
-    fc1_w: Tensor  # (4D, D)
-    fc1_b: Tensor
-    fc2_w: Tensor  # (D, 4D)
-    fc2_b: Tensor
-    eps: float
-
-    @staticmethod
-    def of(layer) -> "LayerWeights":
-        sa, ln1, ln2 = layer.self_attn, layer.self_attn_layer_norm, layer.final_layer_norm
-        assert ln1.eps == ln2.eps
-        return LayerWeights(
-            attn_ln_w=ln1.weight.detach().float(), attn_ln_b=ln1.bias.detach().float(),
-            qkv_w=torch.cat([sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight]).detach(),
-            qkv_b=torch.cat([sa.q_proj.bias, sa.k_proj.bias, sa.v_proj.bias]).detach(),
-            out_w=sa.out_proj.weight.detach(), out_b=sa.out_proj.bias.detach(),
-            ffn_ln_w=ln2.weight.detach().float(), ffn_ln_b=ln2.bias.detach().float(),
-            fc1_w=layer.fc1.weight.detach(), fc1_b=layer.fc1.bias.detach(),
-            fc2_w=layer.fc2.weight.detach(), fc2_b=layer.fc2.bias.detach(),
-            eps=ln1.eps,
-        )
-
+# -- the PyTorch path: what the Triton kernels compute, in the same order ------------------------------
 
 def add_residual(x: Tensor, y: Tensor, y_bias: Tensor | None) -> Tensor:
     """The residual ``x`` (T, D) fp32 plus a matmul's output ``y`` and then its bias, in fp32."""
@@ -85,53 +64,194 @@ def rotate_qk(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
-class PackedESM2(nn.Module):
-    """``backend``: attention backend name or ``auto``. ``fused``: the element-wise work in Triton
-    kernels (default: on a GPU, when Triton is installed)."""
+class Ops(NamedTuple):
+    """A layer's work besides the cuBLAS matmuls and attention, one implementation or the other."""
 
-    def __init__(self, esm2: ESM2, backend: str = "auto", fused: bool | None = None) -> None:
+    add_layer_norm: Callable  # (x, y, y_bias, weight, bias, eps, dtype) -> (x, h)
+    rotary_qk: Callable  # (qkv, cos, sin) -> (q, k)
+    linear_gelu: Callable  # (h, fc1 weight, fc1 bias) -> GELU(fc1(h))
+
+
+PYTORCH = Ops(add_layer_norm, rotate_qk, linear_gelu)
+TRITON = Ops(kernels.add_layer_norm, kernels.rotary_qk, kernels.linear_gelu)
+
+
+# -- the residual stream ---------------------------------------------------------------------------------
+
+class Update(NamedTuple):
+    """What a sub-block adds to the residual stream: a matmul's output (T, D) in the model's dtype, and
+    a bias added after it in fp32 (``None``: the bias is already in the matmul)."""
+
+    out: Tensor
+    bias: Tensor | None = None
+
+
+class Residual:
+    """The residual stream: ``x`` (T, D) fp32 plus, pending, the last :class:`Update` not yet added to it.
+
+    ``+`` records an update; a :class:`LayerNorm32` of the stream adds it, in place on ``x``, and
+    normalises in one pass (``ops.add_layer_norm``: the fused kernel on a GPU), its output in ``dtype``
+    for the next matmul; :meth:`tensor` reads the sum without changing the stream. A Residual is consumed
+    by ``+`` (the new one shares ``x``, which the kernels update in place)."""
+
+    def __init__(self, x: Tensor, ops: Ops, dtype: torch.dtype, pending: Update | None = None) -> None:
+        self.x, self.ops, self.dtype, self.pending = x, ops, dtype, pending
+
+    def __add__(self, update: Update) -> Residual:
+        x = self.x if self.pending is None else self.tensor()  # two updates in a row: the first one added
+        return Residual(x, self.ops, self.dtype, update)
+
+    def tensor(self) -> Tensor:
+        """The stream's value (T, D) fp32; a new tensor when an update is pending."""
+        return self.x if self.pending is None else add_residual(self.x, *self.pending)
+
+    def layer_norm(self, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+        """The pending update added to the stream, then its layer norm (T, D) in ``dtype``."""
+        y, y_bias = self.pending if self.pending is not None else (None, None)
+        self.x, h = self.ops.add_layer_norm(self.x, y, y_bias, weight, bias, eps, self.dtype)
+        self.pending = None
+        return h
+
+
+class LayerNorm32(nn.Module):
+    """A layer norm whose weight and bias are fp32 whatever the model is cast to: cast to bf16, they are
+    rounded to bf16 as every weight is, and kept in fp32 (the norm is computed in fp32 on the fp32 stream)."""
+
+    def __init__(self, ln: nn.Module) -> None:
         super().__init__()
-        self.esm2 = esm2
-        self.num_layers = esm2.num_layers
-        self.heads = esm2.attention_heads
+        self.weight = nn.Parameter(ln.weight.detach().float(), requires_grad=False)
+        self.bias = nn.Parameter(ln.bias.detach().float(), requires_grad=False)
+        self.eps = ln.eps
+
+    def _apply(self, fn, recurse=True):  # .to(dtype) and the like: rounded to the dtype, then back to fp32
+        return super()._apply(lambda t: fn(t).float(), recurse)
+
+    def forward(self, x: Residual | Tensor) -> Tensor:
+        """Of the residual stream: its pending update added first (fused), the output in the model's
+        dtype; of a tensor (T, D) fp32: fp32."""
+        if isinstance(x, Residual):
+            return x.layer_norm(self.weight, self.bias, self.eps)
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+def _linear(weight: Tensor, bias: Tensor) -> nn.Linear:
+    """An ``nn.Linear`` holding ``weight`` (out, in) and ``bias`` as they are: no random initialisation
+    (built on torch's meta device instead, it would add 0.35 s to a job's start-up)."""
+    m = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(m)
+    m.in_features, m.out_features = weight.shape[1], weight.shape[0]
+    m.weight, m.bias = nn.Parameter(weight, requires_grad=False), nn.Parameter(bias, requires_grad=False)
+    return m
+
+
+# -- the model ---------------------------------------------------------------------------------------------
+
+class PackInfo(NamedTuple):
+    """What every layer needs about the pack and the kernels, made once per forward."""
+
+    cu_seqlens: Tensor  # (S + 1,) int32
+    max_seqlen: int
+    cos: Tensor  # (T, d) fp32 rotary tables, positions restarting at every sequence
+    sin: Tensor
+    ops: Ops
+    attend: Attention  # (q, k, v, cu_seqlens, max_seqlen, scale) -> (T, H, d)
+
+
+class PackedLayer(nn.Module):
+    """One pre-LN transformer layer over a pack, built from fair-esm's ``TransformerLayer`` (whose linear
+    modules it shares; fair-esm's names in comments)."""
+
+    def __init__(self, layer: TransformerLayer) -> None:
+        super().__init__()
+        sa = layer.self_attn
+        self.heads, self.head_dim, self.scale = sa.num_heads, sa.head_dim, sa.scaling  # scale = d ** -0.5
+        self.attn_norm = LayerNorm32(layer.self_attn_layer_norm)  # fp32
+        self.qkv = _linear(torch.cat([sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight]).detach(),  # (3D, D)
+                           torch.cat([sa.q_proj.bias, sa.k_proj.bias, sa.v_proj.bias]).detach())
+        self.out_proj = sa.out_proj  # (D, D)
+        self.ffn_norm = LayerNorm32(layer.final_layer_norm)  # fp32
+        self.fc1, self.fc2 = layer.fc1, layer.fc2  # (4D, D), (D, 4D)
+
+    def forward(self, x: Residual, pack: PackInfo) -> Residual:
+        x = x + self.attention(self.attn_norm(x), pack)  # (T, D) fp32
+        x = x + self.ffn(self.ffn_norm(x), pack)  # (T, D) fp32
+        return x
+
+    def attention(self, h: Tensor, pack: PackInfo) -> Update:
+        """Self-attention of ``h`` (T, D); the out-projection's output, its bias in the matmul."""
+        T = h.shape[0]
+        qkv = self.qkv(h).view(T, 3, self.heads, self.head_dim)  # (T, 3, H, d)
+        q, k = pack.ops.rotary_qk(qkv, pack.cos, pack.sin)  # (T, H, d) each, rotated in fp32
+        a = pack.attend(q, k, qkv[:, 2], pack.cu_seqlens, pack.max_seqlen, self.scale)  # (T, H, d)
+        return Update(self.out_proj(a.reshape(T, -1)))  # (T, D)
+
+    def ffn(self, h: Tensor, pack: PackInfo) -> Update:
+        """fc2(GELU(fc1(h))) of ``h`` (T, D); fc2's bias is added in fp32, with the residual."""
+        g = pack.ops.linear_gelu(h, self.fc1.weight, self.fc1.bias)  # (T, 4D)
+        return Update(F.linear(g, self.fc2.weight), self.fc2.bias)  # (T, D)
+
+
+class PackedESM2(nn.Module):
+    """A fair-esm ``ESM2`` (``esm2``, whose embedding and linear modules it shares) run over packs.
+
+    ``backend``: attention backend name or ``auto``. It computes on the device and in the dtype of its
+    weights: build it from a cast model, or cast it afterwards (``.to(device, dtype)``, which casts
+    ``esm2`` too): the same tensors either way. The attention backend, the kernels (Triton on a GPU when
+    installed, else :data:`PYTORCH`) and the dtype are chosen again after each cast. Dtypes:
+
+    - the embedding, q/k/v, out-projection, fc1, fc2 and their biases: the model's dtype (the matmuls'),
+      and so are layer-norm outputs (matmul inputs) and attention;
+    - layer-norm weights and biases (:class:`LayerNorm32`, also the final one): fp32, holding the values
+      rounded to the model's dtype;
+    - the residual stream, the biases added to it after fc2, and every output but layer 0: fp32;
+      layer 0 (the scaled embeddings): the model's dtype;
+    - rotary tables and the rotation of q/k: fp32, q/k stored in the model's dtype.
+
+    ``state_dict()`` holds ``esm2``'s tensors and the layers' (shared ones under both names, as tied weights).
+    """
+
+    def __init__(self, esm2: ESM2, backend: str = "auto") -> None:
+        super().__init__()
+        self.esm2 = esm2  # fair-esm's own forward: the spot check's reference
+        self.num_layers, self.embed_dim = esm2.num_layers, esm2.embed_dim
         self.head_dim = esm2.embed_dim // esm2.attention_heads
-        self.scale = self.head_dim**-0.5  # fair-esm's MultiheadAttention.scaling
-        p = next(esm2.parameters())
-        self.dtype = p.dtype
-        self.backend, self.attend = resolve_backend(p.device, p.dtype, backend)
         # token dropout with no <mask> in the input: x * (1 - 0.15 * 0.8) / (1 - 0)
         self.embed_scale = esm2.embed_scale * ((1 - 0.15 * 0.8) if esm2.token_dropout else 1.0)
-        self.layers = [LayerWeights.of(layer) for layer in esm2.layers]
-        ln = esm2.emb_layer_norm_after
-        self.final_ln = (ln.weight.detach().float(), ln.bias.detach().float(), ln.eps)
-        self.fused = kernels.available(p.device) if fused is None else fused
-        if self.fused:
-            self.add_ln, self.rotate, self.linear_gelu = kernels.add_layer_norm, kernels.rotary_qk, kernels.linear_gelu
-        else:
-            self.add_ln, self.rotate, self.linear_gelu = add_layer_norm, rotate_qk, linear_gelu
+        self.embed_tokens = esm2.embed_tokens
+        self.layers = nn.ModuleList(PackedLayer(layer) for layer in esm2.layers)
+        self.final_norm = LayerNorm32(esm2.emb_layer_norm_after)  # fp32
+        self.requested_backend = backend
+        self._follow_weights()
+
+    def _follow_weights(self) -> None:
+        """The dtype, attention backend and kernels for the weights' device and dtype."""
+        p = self.embed_tokens.weight
+        self.dtype = p.dtype
+        self.backend, self.attend = resolve_backend(p.device, p.dtype, self.requested_backend)
+        self.fused = kernels.available(p.device)
+        self.ops = TRITON if self.fused else PYTORCH
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), ...
+        super()._apply(fn, recurse)
+        self._follow_weights()
+        return self
 
     @torch.inference_mode()
     def forward(self, tokens: Tensor, cu_seqlens: Tensor, max_seqlen: int, repr_layers: list[int]) -> dict[int, Tensor]:
         """Hidden states (T, D) for each layer in ``repr_layers`` (0 = embeddings; the last layer
         has the final layer norm applied, as in fair-esm). ``tokens``: (T,); ``cu_seqlens``: (S + 1,)."""
-        T, H = tokens.shape[0], self.heads
+        T = tokens.shape[0]
         cos, sin = rotary_tables(position_ids(cu_seqlens, T), self.head_dim)  # (T, d) fp32 each
-        x = self.esm2.embed_tokens(tokens) * self.embed_scale  # (T, D)
-        out = {0: x} if 0 in repr_layers else {}
-        x = x.to(torch.float32, copy=True)  # the residual stream, updated in place by the kernels
-        g = g_bias = None  # the last matmul's output and its bias, added at the next layer norm
-        for i, w in enumerate(self.layers, 1):
-            x, h = self.add_ln(x, g, g_bias, w.attn_ln_w, w.attn_ln_b, w.eps, self.dtype)  # (T, D) fp32, (T, D)
-            qkv = F.linear(h, w.qkv_w, w.qkv_b).view(T, 3, H, self.head_dim)  # (T, 3, H, d)
-            q, k = self.rotate(qkv, cos, sin)  # (T, H, d) each
-            a = self.attend(q, k, qkv[:, 2], cu_seqlens, max_seqlen, self.scale)  # (T, H, d)
-            x, h = self.add_ln(x, F.linear(a.reshape(T, -1), w.out_w, w.out_b), None, w.ffn_ln_w, w.ffn_ln_b, w.eps, self.dtype)
-            g, g_bias = F.linear(self.linear_gelu(h, w.fc1_w, w.fc1_b), w.fc2_w), w.fc2_b  # (T, 4D) -> (T, D)
+        pack = PackInfo(cu_seqlens, max_seqlen, cos, sin, self.ops, self.attend)
+        e = self.embed_tokens(tokens) * self.embed_scale  # (T, D)
+        out = {0: e} if 0 in repr_layers else {}
+        x = Residual(e.to(torch.float32, copy=True), self.ops, self.dtype)  # (T, D) fp32
+        for i, layer in enumerate(self.layers, 1):
+            x = layer(x, pack)
             if i in repr_layers and i < self.num_layers:
-                out[i] = add_residual(x, g, g_bias)
-        x = add_residual(x, g, g_bias)
+                out[i] = x.tensor()  # (T, D) fp32, a copy: the stream goes on
         if self.num_layers in repr_layers:
-            out[self.num_layers] = F.layer_norm(x, (x.shape[-1],), *self.final_ln)
+            out[self.num_layers] = self.final_norm(x.tensor())  # (T, D) fp32
         return out
 
 

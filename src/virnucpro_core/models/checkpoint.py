@@ -1,5 +1,4 @@
-"""A fair-esm checkpoint's shape, checked against its tensors, without building the model; and
-the options that depend on the model's shape.
+"""A fair-esm checkpoint's shape, checked against its tensors, without building the model.
 
 :func:`inspect` reads only the pickled index of a checkpoint (its config and the shape of every
 tensor, no tensor data, no torch), so the workflow checks the model and the options that depend
@@ -12,15 +11,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
-import os
 import pickle
 import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..options import Options
 
 
 class CheckpointError(ValueError):
@@ -118,76 +114,3 @@ def shape_of(data: object, path: str | Path) -> tuple[object, Shape]:
     if not isinstance(data["model"], dict):
         raise CheckpointError(f"{path}: 'model' is not a state dict")
     return cfg, check(cfg, {k: tuple(getattr(v, "shape", ())) for k, v in data["model"].items()}, path)
-
-
-def resolve_layers(layers: tuple[int, ...], num_layers: int, key: str) -> tuple[int, ...]:
-    """Layer indices as 0..num_layers (0 = the embeddings; negative ones count from the end:
-    -1 is the last layer), sorted and unique; ``key`` names the option in errors."""
-    out = set()
-    for layer in layers:
-        index = num_layers + 1 + layer if layer < 0 else layer
-        if not 0 <= index <= num_layers:
-            raise ValueError(f"config '{key}': layer {layer} is out of range for a model of {num_layers} layers "
-                             f"(0..{num_layers}, or -{num_layers + 1}..-1 from the end)")
-        out.add(index)
-    return tuple(sorted(out))
-
-
-def check_for_model(options: Options, num_layers: int) -> None:
-    """Options that depend on the model, checked before any job runs."""
-    e = options.embedding
-    resolve_layers(e.layers, num_layers, "embedding.layers")
-    resolve_layers(e.per_residue_layers, num_layers, "embedding.per_residue_layers")
-
-
-# ------------------------------------------------------------------ named models: where they are looked for
-MODEL_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
-REGRESSION_URL = "https://dl.fbaipublicfiles.com/fair-esm/regression/{name}-contact-regression.pt"
-
-
-def hub_checkpoints() -> Path:
-    """torch hub's checkpoint cache, where fair-esm's own loader puts its downloads (as
-    ``torch.hub.get_dir()`` finds it: $TORCH_HOME, else $XDG_CACHE_HOME/torch, else ~/.cache/torch)."""
-    home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch")
-    return Path(home) / "hub" / "checkpoints"
-
-
-def find_named(name: str, model_dir: str | Path) -> Path | None:
-    """The release file of a fair-esm model name: in ``model_dir``, then in torch hub's cache."""
-    for folder in (Path(model_dir), hub_checkpoints()):
-        if (folder / f"{name}.pt").is_file():
-            return folder / f"{name}.pt"
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def unreachable(url: str, timeout: float = 5.0) -> str | None:
-    """Why ``url`` cannot be fetched now (no network, a proxy, DNS), or None when it can (asked once
-    a process: the workflow's checks before any job ask for the same URL)."""
-    import urllib.error
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
-        return None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        return str(getattr(exc, "reason", exc))
-
-
-def named_model_problem(name: str, model_dir: str | Path) -> str | None:
-    """For a fair-esm name with no file here and no network: one sentence saying what is missing,
-    where it was looked for and what to do; else None."""
-    from ..options import ESM2_MODELS
-
-    if name not in ESM2_MODELS or find_named(name, model_dir):
-        return None
-    reason = unreachable(MODEL_URL.format(name=name))
-    return missing_model_message(name, model_dir, reason) if reason else None
-
-
-def missing_model_message(name: str, model_dir: str | Path, reason: str) -> str:
-    """One sentence: what is missing, where it was looked for, and what to do."""
-    return (f"model {name} is not in {model_dir}/ or {hub_checkpoints()}/ and cannot be downloaded here "
-            f"({MODEL_URL.format(name=name)}: {reason}); on a machine with network run "
-            f"`python -m virnucpro_core fetch-model {name} --model-dir {model_dir}` and copy {name}.pt into {model_dir}/, "
-            "or set model to the path of a checkpoint")

@@ -20,19 +20,11 @@ import esm
 import torch
 from esm.model.esm2 import ESM2
 
-from .checkpoint import (
-    MODEL_URL,
-    REGRESSION_URL,
-    CheckpointError,
-    find_named,
-    missing_model_message,
-    shape_of,
-    unreadable,
-    unreachable,
-)
 from ..io.files import sha256
-from .huggingface import convert, converted_path, hf_folder
-from ..options import ESM2_MODELS, Options
+from ..options import Options
+from .checkpoint import CheckpointError, shape_of, unreadable
+from .huggingface import convert
+from .resolve import ESM2_MODELS, MODEL_URL, REGRESSION_URL, resolve
 
 log = logging.getLogger(__name__)
 
@@ -167,13 +159,7 @@ def fetch_model(name: str, model_dir: str | Path) -> Path:
     once into ``model_dir`` (fair-esm's URLs, torch hub's downloader)."""
     if name not in ESM2_MODELS:
         raise CheckpointError(f"unknown model name {name!r}; known: {', '.join(ESM2_MODELS)}")
-    found = find_named(name, model_dir)
-    if found:
-        return found
-    reason = unreachable(MODEL_URL.format(name=name))
-    if reason:
-        raise CheckpointError(missing_model_message(name, model_dir, reason))
-    dest = Path(model_dir) / f"{name}.pt"
+    dest = resolve(name, model_dir).file  # found, or to download (else the one sentence saying why not)
     dest.parent.mkdir(parents=True, exist_ok=True)
     for url, target in ((MODEL_URL.format(name=name), dest),
                         (REGRESSION_URL.format(name=name), dest.with_name(f"{name}-contact-regression.pt"))):
@@ -184,16 +170,13 @@ def fetch_model(name: str, model_dir: str | Path) -> Path:
 
 
 def load_model(spec: str, model_dir: str | Path | None = None) -> LoadedModel:
-    """``spec`` is a fair-esm model name (downloaded once, then cached), a checkpoint path, or a
-    Hugging Face ESM-2 (a folder, or ``org/name`` in the local Hugging Face cache; converted once)."""
+    """The model ``spec`` names (:func:`..models.resolve.resolve`): a named model fetched first if it is not
+    here, a Hugging Face ESM-2 converted once."""
     model_dir = model_dir or Options().model_dir
-    if spec in ESM2_MODELS:
-        return load_checkpoint(fetch_model(spec, model_dir))
-    folder = hf_folder(spec)
-    if folder is not None:
-        dest = converted_path(folder, model_dir)
-        return load_checkpoint(dest if dest.is_file() else convert(folder, dest))
-    if spec.endswith(".pt") or Path(spec).exists():
-        return load_checkpoint(spec)
-    raise CheckpointError(f"model {spec!r} is neither a fair-esm ESM-2 name ({', '.join(ESM2_MODELS)}), a checkpoint file, "
-                          "nor a Hugging Face ESM-2 (a folder with config.json, or org/name in the Hugging Face cache)")
+    src = resolve(spec, model_dir)
+    if not src.file.is_file():
+        if src.kind == "name":
+            fetch_model(spec, model_dir)
+        else:
+            convert(src.folder, src.file)
+    return load_checkpoint(src.file)

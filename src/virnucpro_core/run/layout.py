@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .parts import PART_FILES, part_name, shard_name  # noqa: F401 (the names, for the layout's users)
+from ..io.part_files import PART_FILES
+from .parts import part_name, shard_name  # noqa: F401 (the names, for the layout's users)
 
 SHARD_PATTERN = r"shard_\d{4}"
 PART_PATTERN = r"part_\d{5}"
@@ -29,7 +30,7 @@ class Layout:
         return self._p("shards")
 
     def part(self, name: str, what: str = "rows") -> str:
-        """A part's ``rows``, ``manifest``, ``ids``, ``skipped`` or ``keys`` file (:data:`.parts.PART_FILES`)."""
+        """A part's ``rows``, ``manifest``, ``ids``, ``skipped`` or ``keys`` file (:data:`..io.part_files.PART_FILES`)."""
         return self._p("shards", f"{name}{PART_FILES[what]}")
 
     @property

@@ -60,11 +60,6 @@ def part_index(path: str) -> int:
     return int(os.path.basename(path).split(".")[0].removeprefix("part_"))
 
 
-# what the shard step writes for a part, beside each other: rows, counts, valid ids, skipped records, and the
-# rows' sequence keys (sorted, each with its first row) for the de-duplication of later shards
-PART_FILES = {"rows": ".parquet", "manifest": ".json", "ids": ".ids.parquet", "skipped": ".skipped.tsv", "keys": ".keys.npy"}
-
-
 def shard_name(index: int) -> str:
     return f"shard_{index:04d}"
 

@@ -32,13 +32,14 @@ import torch
 from .. import __version__
 from ..io.duplicates import DUPS_DTYPE, LocalFill, embedding_columns, find_duplicates
 from ..run.devices import acquire_device
-from ..engine.embedder import EmbedResult, Embedder, Outputs, compute_dtype
+from ..engine import sample_check
+from ..engine.embedder import EmbedResult, Embedder, Outputs, build_embedder
 from ..io.files import atomic_path, row_group_rows, sha256, write_json
 from ..models.loader import LoadedModel, load_model
 from ..options import Options
 from ..run.parts import part_index
 from ..run.progress import JobProgress
-from ..engine.packing import Plan, build_plan, load_plan, save_plan
+from ..engine.packing import build_plan, load_plan, save_plan
 from ..io.tables import (
     PARTS_KEY,
     RUN_KEY,
@@ -50,8 +51,7 @@ from ..io.tables import (
     writer_options,
 )
 from ..run.memory import chunk_tokens
-from . import spot_check as check
-from .shard import NUCLEOTIDE_COLUMNS, PART_KEY, Shard, sequence_lengths
+from ..io.part_files import NUCLEOTIDE_COLUMNS, Shard, sequence_lengths
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def _run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, opt
         log.info("ready %.1f s after the process started (imports %.1f s, then checkpoint read %.1f s and onto the device %.1f s): "
                  "%s on %s, %s, attention %s", started or float("nan"), IMPORTED or float("nan"), t_load, t_device, loaded.name, dev,
                  embedder.dtype_name, embedder.backend)
-        sample = check.sample(shard_t, own, options) if spot_check else []
+        sample = sample_check.sample(lengths, own, options) if spot_check and shard_t.num_rows else []
         with atomic_path(out) as tmp, _Writer(chunks, tmp, n, sample=sample) as writer:
             for c in range(n):
                 if c in finished:
@@ -305,8 +305,11 @@ def _run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, opt
                 log.info("chunk %d/%d done: %d tokens of the shard, %.0f tokens/s, ETA %.0f s", c + 1, n, done,
                          result.stats["tokens_per_s"], (shard_tokens - done) / max(result.stats["tokens_per_s"], 1e-9))
                 del result
-            t_check = time.perf_counter()  # the spot-check's forwards on the GPU while the last chunk is written
-            measured = check.measure(embedder, shard_t, sample, options) if spot_check and sample else None
+            t_check, measured = time.perf_counter(), None  # the spot-check's forwards while the last chunk is written
+            if sample:
+                picked = shard_t.select(["id", "sequence"]).take(sample)
+                measured = sample_check.measure(embedder, sample, picked["id"].to_pylist(), picked["sequence"].to_pylist(),
+                                                options)
             t_check = time.perf_counter() - t_check
             stats = {**_sum_stats([finished[c] for c in range(n)]), "resumed_chunks": n - len(todo), "rows": shard_t.num_rows,
                      "duplicates": len(dups),
@@ -319,8 +322,8 @@ def _run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, opt
                 np.save(fh, dups[~local], allow_pickle=False)
         if spot_check:
             t1 = time.perf_counter()
-            stats["spot_check"] = check.run(parts, out, loaded, spot_check, options, embedder=embedder, shard_table=shard_t,
-                                            stored=writer.stored, measured=measured)
+            stats["spot_check"] = sample_check.check(measured, writer.stored, spot_check, options, str(out),
+                                                     embedder.dtype_name)
             stats["spot_check_seconds"] = t_check + time.perf_counter() - t1
     if stats_out:
         write_json(stats_out, stats)
@@ -349,7 +352,7 @@ def _engine(model: str | LoadedModel, dev: str, options: Options) -> tuple[Loade
     t0 = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model, options.model_dir)
     t1 = time.perf_counter()
-    embedder = Embedder(loaded, dev, compute_dtype(dev, options.embedding.dtype), options.embedding.attention)
+    embedder = build_embedder(loaded, dev, options)
     return loaded, embedder, Outputs.resolve(loaded.num_layers, options.embedding), t1 - t0, time.perf_counter() - t1
 
 

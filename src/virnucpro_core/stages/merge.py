@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
+from .. import __version__
 from ..run import claim
 from ..io.duplicates import embedding_columns, fill_rows, read_dups
 from ..io.files import atomic_path, remove_stale, umask, write_json, write_tsv
@@ -44,7 +45,7 @@ from ..run.layout import Layout
 from ..options import Options
 from ..io.tables import PARTS_KEY, RUN_KEY, provenance_of, writer_options
 from ..run.parts import part_name
-from .shard import SKIPPED_COLUMNS, part_paths
+from ..io.part_files import SKIPPED_COLUMNS, part_paths
 
 log = logging.getLogger(__name__)
 
@@ -327,17 +328,28 @@ def run(manifest: str | Path, skipped: str | Path, embeddings: list[str], spot_c
 
 
 def provenance(outdir: str | Path) -> dict:
-    """The workflow's git commit and the run's wall time so far (from its claim on the outdir)."""
-    root = Path(__file__).resolve().parents[3]  # the checkout holding src/virnucpro_core
-    try:
-        res = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True,
-                             text=True, timeout=10)
-        commit = res.stdout.strip() if res.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired):
-        commit = None
+    """The workflow's commit and the run's wall time so far (from its claim on the outdir)."""
     started = claim.read(outdir).get("started_epoch")
-    return {"workflow_commit": commit or "unknown (not a git checkout)",
+    return {"workflow_commit": workflow_commit(Path(__file__).resolve().parents[3]),  # the checkout holding src/
             "wall_seconds": round(time.time() - started, 1) if isinstance(started, (int, float)) else None}
+
+
+def workflow_commit(root: Path) -> str:
+    """``git describe`` of the workflow's own repository, whose top level is ``root``; else (a copy of the
+    workflow in a user's own analysis repository, or no git at all) the package's version alone."""
+    def git(*args: str) -> str | None:
+        try:
+            res = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return res.stdout.strip() if res.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top and Path(top).resolve() == root.resolve():
+        commit = git("describe", "--always", "--dirty", "--abbrev=12")
+        if commit:
+            return commit
+    return f"virnucpro_core {__version__} (not its own git checkout)"
 
 
 def _concat_spot_checks(paths: list[str], dest: str) -> dict:

@@ -12,7 +12,7 @@ from ..io.files import write_json
 from ..options import Options
 from ..engine.packing import build_plan, save_plan
 from ..run.memory import chunk_tokens
-from .shard import Shard, sequence_lengths
+from ..io.part_files import Shard, sequence_lengths
 
 log = logging.getLogger(__name__)
 

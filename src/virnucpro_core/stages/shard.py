@@ -11,22 +11,19 @@ input, ``parent_id window_start window_end frame``), one row per sequence to emb
 :func:`index` runs once every part is written, while the GPUs work: it numbers records across the parts
 of each file, finds ids already used by a record of an earlier part (those records are skipped, or stop the
 run with ``on_invalid: error``), and writes ``manifest.json`` and ``skipped.tsv`` for the merge.
-:class:`Shard` reads a shard's parts back as one table (the embed and spot-check stages).
+The parts' columns and :class:`..io.part_files.Shard`, which reads a shard's parts back, are in :mod:`..io.part_files`.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
-import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..io.fasta import (
@@ -43,25 +40,20 @@ from ..io.idset import IdTable, id_hash
 from ..io.duplicates import distinct_keys
 from ..io.nucleotide import translate_batch
 from ..options import Options
-from ..run.parts import PART_FILES, Part, part_name, plan_parts, shard_name, shards, unique_inputs
+from ..io.part_files import (
+    NUCLEOTIDE_COLUMNS,
+    PART_KEY,
+    PART_SKIPPED_COLUMNS,
+    SKIPPED_COLUMNS,
+    part_paths,
+)
+from ..run.parts import Part, plan_parts, shard_name, shards, unique_inputs
 
 log = logging.getLogger(__name__)
 
-SKIPPED_COLUMNS = ["id", "reason", "file", "record"]
-PART_SKIPPED_COLUMNS = ["id", "reason", "record", "first_seen", "offset"]  # record numbers local to the part
-NUCLEOTIDE_COLUMNS = {"parent_id": pa.string(), "window_start": pa.int64(), "window_end": pa.int64(), "frame": pa.int8()}
-PART_KEY = b"virnucpro_part"
 ROW_GROUP_RESIDUES = 32 << 20  # a part's row group: about this many residues, or
 ROW_GROUP_ROWS = 1 << 17  # this many rows, whichever comes first
 TRANSLATE_BATCH = 8192  # nucleotide records translated together
-
-
-def sequence_lengths(table: pa.Table) -> np.ndarray:
-    return pc.utf8_length(table["sequence"]).to_numpy(zero_copy_only=False).astype(np.int64)
-
-
-def part_paths(out_dir: str | Path, name: str) -> dict[str, Path]:
-    return {what: Path(out_dir) / f"{name}{suffix}" for what, suffix in PART_FILES.items()}
 
 
 def embedded_residues(sequence: str, options: Options) -> str:
@@ -352,29 +344,6 @@ def _rows_of(d: Path, name: str, records: list[int]) -> list[int]:
     return np.flatnonzero(np.isin(rec, records)).tolist()
 
 
-class Shard:
-    """The rows of a shard's parts, in order, with where each part's rows start."""
-
-    def __init__(self, parts: list[str | Path]) -> None:
-        self.paths = [Path(p) for p in parts]
-        tables = [pq.read_table(p) for p in self.paths]
-        self.info = [json.loads(pq.read_metadata(p).metadata[PART_KEY]) for p in self.paths]
-        self.rows = [t.num_rows for t in tables]
-        self.table = pa.concat_tables(tables) if tables else pa.table({})
-        self.sha256 = [sha256(p, cache=False) for p in self.paths]
-
-    @property
-    def part_of_row(self) -> np.ndarray:
-        return np.repeat([i["index"] for i in self.info], self.rows).astype(np.int64)
-
-    @property
-    def row_in_part(self) -> np.ndarray:
-        return np.concatenate([np.arange(n) for n in self.rows] or [np.zeros(0, np.int64)]).astype(np.int64)
-
-    def describe(self) -> list[dict]:
-        return [{"name": i["name"], "rows": n, "sha256": s} for i, n, s in zip(self.info, self.rows, self.sha256)]
-
-
 def run(inputs: list[str], outdir: str | Path, options: Options, jobs: int = 1) -> dict:
     """The whole shard stage in one call (``python -m virnucpro_core shard``, ``virnucpro extract``): the parts,
     ``jobs`` at a time, then :func:`index`."""
@@ -388,4 +357,4 @@ def run(inputs: list[str], outdir: str | Path, options: Options, jobs: int = 1) 
     return index(parts, outdir, options)
 
 
-__all__ = ["run", "run_part", "index", "part_name", "sequence_lengths", "SKIPPED_COLUMNS", "NUCLEOTIDE_COLUMNS"]
+__all__ = ["run", "run_part", "index"]

@@ -1,5 +1,6 @@
-"""The shard step in parts: byte ranges read at once give what one job gives; the checks across parts
-(duplicate ids, record numbers, accounting) still hold over the whole input."""
+"""The shard stage (stages/shard.py, planned by run/parts.py): the input cut into parts (byte ranges read at once)
+that give what one job gives, grouped into contiguous shards balanced by bytes; the checks across parts (duplicate
+ids, record numbers, offsets, accounting) still hold over the whole input."""
 
 import gzip
 import json
@@ -10,15 +11,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import random_protein
+from conftest import READS, random_protein
 from virnucpro_core.io.fasta import FastaError
 from virnucpro_core.options import Options
 from virnucpro_core.run.parts import plan_parts, shards
 from virnucpro_core.stages import shard
-
-ROOT = Path(__file__).resolve().parents[1]
-READS = ROOT / "resources/example/reads.fna"
-EXAMPLE = ROOT / "resources/example/proteins.faa"
 
 
 def rows(d: Path, man: dict, columns=("id", "record", "sequence", "key")) -> list[tuple]:
@@ -144,3 +141,29 @@ def test_sequence_keys_follow_what_the_model_sees(tmp_path, rng):
         d, man = sharded(tmp_path, [p], policy, **{"long_sequences.policy": policy})
         k = pq.read_table(d / "part_00000.parquet", columns=["key"])["key"].to_pylist()
         assert [k[0] == k[1], k[0] == k[2]] == same
+
+
+def test_shards_are_contiguous_balanced_and_deterministic(tmp_path):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(30, 1500, 1000).tolist()
+    p = tmp_path / "in.faa"
+    p.write_text("".join(f">r{i}\n{'M' * n}\n" for i, n in enumerate(lengths)))
+    man = shard.run([str(p)], tmp_path / "a", Options(shards=7))
+    assert len(man["shards"]) == 7 and sum(s["rows"] for s in man["shards"]) == 1000
+    rows = [[pq.read_table(tmp_path / f"a/{n}.parquet") for n in s["parts"]] for s in man["shards"]]
+    ids = [i for shard_rows in rows for t in shard_rows for i in t["id"].to_pylist()]
+    assert ids == [f"r{i}" for i in range(1000)]  # contiguous, input order
+    sums = [sum(len(x) for t in shard_rows for x in t["sequence"].to_pylist()) for shard_rows in rows]
+    assert max(sums) - min(sums) <= 2 * max(lengths)  # balanced by bytes: within a record or two
+    again = shard.run([str(p)], tmp_path / "b", Options(shards=7))
+    assert again["shards"] == man["shards"] and again["parts"] == man["parts"]
+    by_size = shard.run([str(p)], tmp_path / "c", Options(residues_per_shard=100_000))  # estimated from the bytes
+    assert len(by_size["shards"]) == -(-p.stat().st_size // 100_000) and by_size["rows"] == 1000
+
+
+def test_a_file_listed_twice_is_read_once(tmp_path, caplog):
+    p = tmp_path / "a.faa"
+    p.write_text(">a\nMKV\n>b\nMKL\n")
+    man = shard.run([str(p), os.path.join(str(tmp_path), ".", "a.faa")], tmp_path / "shards", Options(shards=1))
+    assert man["rows"] == 2 and [f["records"] for f in man["inputs"]] == [2]
+    assert "listed more than once" in caplog.text
