@@ -55,7 +55,9 @@ cp "$munge_dir/munged.pid" "$dir/munged.pid"
 
 # two fake GPUs
 for i in 0 1; do [[ -e $dir/dev/nvidia$i ]] || mknod "$dir/dev/nvidia$i" c 195 "$i"; done
-cpus=$(nproc)
+# at least 4 CPUs declared (config_overrides lets slurmd accept more than the machine has): the test is
+# about the two GPU jobs running at once, not about a 2-core CI machine fitting shard_index beside them
+cpus=$(( $(nproc) < 4 ? 4 : $(nproc) ))
 mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 8 / 10 ))
 cat > "$dir/slurm.conf" <<CONF
 ClusterName=virnucpro-test
@@ -76,6 +78,7 @@ SelectTypeParameters=CR_CPU
 GresTypes=gpu
 ReturnToService=2
 SchedulerType=sched/backfill
+SlurmdParameters=config_overrides
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
