@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import snakemake
-from virnucpro_core.models.loader import CheckpointError, build_esm2, load_checkpoint, load_model, save_checkpoint
+from virnucpro_core.models.loader import CheckpointError, build_esm2, fetch_model, load_checkpoint, load_model, save_checkpoint
 
 
 def test_round_trip_equals_fair_esm_loader(tmp_path):
@@ -111,6 +111,16 @@ def test_named_model_uses_fair_esm_url_and_cache(tmp_path, monkeypatch):
     ]
     load_model("esm2_t6_8M_UR50D", tmp_path)
     assert len(calls) == 2  # cached
+
+
+def test_fetch_model_returns_a_release_file_already_here_without_the_network(tmp_path, monkeypatch):
+    """A release file in the model folder (here without its contact-regression companion) is used as it is."""
+    save_checkpoint(build_esm2(6, 320, 20), tmp_path / "esm2_t6_8M_UR50D.pt")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail(f"downloaded {a[0]}"))
+    monkeypatch.setattr("virnucpro_core.models.resolve.unreachable", lambda url: "offline")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert fetch_model("esm2_t6_8M_UR50D", tmp_path) == tmp_path / "esm2_t6_8M_UR50D.pt"
+    assert not (tmp_path / "esm2_t6_8M_UR50D-contact-regression.pt").exists()
 
 
 @pytest.mark.parametrize("change, message", [

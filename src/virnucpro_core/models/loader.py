@@ -160,6 +160,8 @@ def fetch_model(name: str, model_dir: str | Path) -> Path:
     if name not in ESM2_MODELS:
         raise CheckpointError(f"unknown model name {name!r}; known: {', '.join(ESM2_MODELS)}")
     dest = resolve(name, model_dir).file  # found, or to download (else the one sentence saying why not)
+    if dest.is_file():  # here or in torch hub's cache
+        return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     for url, target in ((MODEL_URL.format(name=name), dest),
                         (REGRESSION_URL.format(name=name), dest.with_name(f"{name}-contact-regression.pt"))):
