@@ -19,8 +19,10 @@ from typing import Any, Callable
 import yaml
 
 from . import __version__
-from .run import claim
 from .options import PATH_KEYS, Options, leaves
+from .run import claim
+from .run.parts import Part
+from .run.progress import JobProgress
 from .schema import markdown_table, schema_yaml
 
 log = logging.getLogger("virnucpro_core")
@@ -208,15 +210,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return _run(name, lambda: stage(name)(args.model, args.fasta, args.out_dir, esm_extract_options(
             options, args.repr_layers, args.include, args.truncation_seq_length, args.toks_per_batch, args.nogpu)))
-    shard_dir = Path(getattr(args, "shard_dir", "") or ".")
     pos, kw = {
         "shard": lambda: ((args.inputs, args.out, options, args.jobs), {}),
         "plan": lambda: ((args.parts, args.out, args.stats, options), {}),
         "embed": lambda: ((args.parts, args.model, args.out, options),
                           {"earlier": args.earlier, "plan": args.plan, "dups_out": args.dups, "spot_check": args.spot_check}),
         "spot-check": lambda: ((args.parts, args.embeddings, args.model, args.out, options), {}),
-        "merge": lambda: ((shard_dir / "manifest.json", shard_dir / "skipped.tsv", args.embeddings, args.spot_checks,
-                           args.out, options), {}),
+        "merge": lambda: ((Path(args.shard_dir) / "manifest.json", Path(args.shard_dir) / "skipped.tsv", args.embeddings,
+                           args.spot_checks, args.out, options), {}),
     }[name]()
     return _run(name, lambda: stage(name)(*pos, **kw))
 
@@ -241,11 +242,6 @@ def job(smk: Any) -> None:
     if smk.rule not in rule_stage:
         raise ValueError(f"no stage for rule {smk.rule!r}")
     name = rule_stage[smk.rule]
-    if name in ("shard-part", "shard-index"):
-        from .run.parts import Part
-    if name == "embed":
-        from .run.progress import JobProgress
-
     args = {
         "shard-part": lambda: ((Part(**params.part), Path(o.rows).parent, options), {}),
         "shard-index": lambda: (([Part(**p) for p in params.parts], Path(o.manifest).parent, options),

@@ -1,7 +1,8 @@
 """Embedding stage: a shard's packs through the packed ESM-2, pooled per record.
 
 The GPU never waits on Python: packs are tokenised ahead (:mod:`.prefetch`) and copied
-asynchronously; pooled outputs stay on the device and are copied to the host once at the end.
+asynchronously; pooled outputs stay on the device until the plan's packs are done, and go to the host when
+first read (:class:`EmbedResult`), on a side stream.
 On CUDA out-of-memory a pack is split in two and retried, down to single sequences.
 """
 
@@ -14,10 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..options import resolve_layers
-from .equivalence import reference_hidden
 from ..models.loader import LoadedModel
-from ..options import EmbeddingOptions
+from ..options import EmbeddingOptions, resolve_layers
+from .equivalence import reference_hidden
 from .packed_esm2 import POOLINGS, PackedESM2, pool, residues
 from .packing import Pack, Plan
 from .prefetch import prefetch
@@ -90,13 +90,11 @@ class EmbedResult:
     def pooled(self) -> dict[str, np.ndarray]:
         """column -> (n_records, dim) float32 on the host."""
         if self._host is None:
-            tensors = self.device_pooled
+            tensors, side = self.device_pooled, None
             if self.ready is not None and tensors:
                 side = torch.cuda.Stream(next(iter(tensors.values())).device)
                 side.wait_event(self.ready)
-                with torch.cuda.stream(side):
-                    self._host = {c: t.cpu().numpy() for c, t in tensors.items()}
-            else:
+            with torch.cuda.stream(side):  # None: the current stream
                 self._host = {c: t.cpu().numpy() for c, t in tensors.items()}
             self.device_pooled, self.ready = {}, None
         return self._host

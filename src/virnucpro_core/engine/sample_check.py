@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from ..io.files import write_json, write_tsv
@@ -64,10 +65,12 @@ class Measured:
     dtype: str
 
 
-def measure(embedder: Embedder, rows: list[int], ids: list[str], seqs: list[str], options: Options) -> Measured:
-    """The GPU's part of the check: the sampled ``rows`` (their ``ids`` and sequences ``seqs``), their windows as
-    the plan cuts them, in one pack and one at a time."""
+def measure(embedder: Embedder, table: pa.Table, rows: list[int], options: Options) -> Measured:
+    """The GPU's part of the check: the sampled ``rows`` of the shard's ``table`` (``id``, ``sequence``), their
+    windows as the plan cuts them, in one pack and one at a time."""
     long = options.long_sequences
+    picked = table.select(["id", "sequence"]).take(rows)
+    ids, seqs = picked["id"].to_pylist(), picked["sequence"].to_pylist()
     items = [(j, s, n) for j, seq in enumerate(seqs) for s, n in windows(len(seq), long.policy, long.overlap, long.max_residues)]
     pack = Pack(*(np.array(c, dtype=np.int64) for c in zip(*items)))
     layer = embedder.packed.num_layers

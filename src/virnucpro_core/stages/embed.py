@@ -307,9 +307,7 @@ def _run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, opt
                 del result
             t_check, measured = time.perf_counter(), None  # the spot-check's forwards while the last chunk is written
             if sample:
-                picked = shard_t.select(["id", "sequence"]).take(sample)
-                measured = sample_check.measure(embedder, sample, picked["id"].to_pylist(), picked["sequence"].to_pylist(),
-                                                options)
+                measured = sample_check.measure(embedder, shard_t, sample, options)
             t_check = time.perf_counter() - t_check
             stats = {**_sum_stats([finished[c] for c in range(n)]), "resumed_chunks": n - len(todo), "rows": shard_t.num_rows,
                      "duplicates": len(dups),

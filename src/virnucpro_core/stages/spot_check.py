@@ -33,9 +33,8 @@ def run(parts: list[str | Path], embeddings: str | Path, model: str | LoadedMode
     stored = dict(zip(rows, take_rows(embeddings, "embedding", rows))) if rows else {}
     measured = None
     if rows:  # none in an empty shard (fewer records than shards)
-        picked = shard_t.select(["id", "sequence"]).take(rows)
         loaded = model if isinstance(model, LoadedModel) else load_model(model, options.model_dir)
         with acquire_device(options.embedding.lock_dir, options.embedding.device) as dev:
             embedder = build_embedder(loaded, dev, options)
-            measured = sample_check.measure(embedder, rows, picked["id"].to_pylist(), picked["sequence"].to_pylist(), options)
+            measured = sample_check.measure(embedder, shard_t, rows, options)
     return sample_check.check(measured, stored, out, options, str(embeddings), read_metadata(embeddings).get("compute_dtype"))
