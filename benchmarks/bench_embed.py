@@ -3,8 +3,9 @@
     python benchmarks/bench_embed.py --out benchmarks/results/<device>-<date>.json
 
 Random-weight ESM-2 of the real shapes, bf16. Datasets (fixed seed): "uniref", proteins with
-log-normal lengths (median 300, clipped to 30..1022); "reads", VirNucPro-style translated
-reads of 60..166 residues. Tokens = residues + BOS + EOS. Contenders, each from sequences to
+log-normal lengths (median 300, clipped to 30..1022: real lengths); "short", the six-frame proteins of
+300-bp reads as the workflow translates them (``inputs.short_proteins``, median 45 residues); "reads",
+lengths uniform in 60..166. Tokens = residues + BOS + EOS. Contenders, each from sequences to
 pooled (mean) embeddings on the host:
 - baseline (a), fair-esm's forward at its best: bf16, length-sorted batches tokenised ahead into
   pinned memory and copied asynchronously, the best of 4096, 16384 and 32768 tokens per batch
@@ -13,10 +14,12 @@ pooled (mean) embeddings on the host:
   ``DataLoader``, its default 4096 tokens per batch, representations copied to the host and
   averaged per sequence there; fp32 (its default) and bf16;
 - Hugging Face ``EsmModel`` with SDPA attention, length-sorted batches of 16384 tokens;
-- this engine (packed, varlen FlashAttention), in several settings;
-- the whole embed stage, FASTA file -> shard -> plan -> Parquet file.
+- this engine (packed, varlen FlashAttention), in several settings (``--variants``: attention backend, GELU
+  and token budget; the first is the default configuration, the one the acceptance block judges);
+- the whole embed stage, FASTA file -> shard -> plan -> Parquet file (``--no-stage`` leaves it out).
 MFU = tokens/s x 2 x parameters / the measured bf16 matmul peak. ``--profile`` adds a table of
-where the engine's GPU time goes (torch profiler, kernels grouped by kind).
+where the engine's GPU time goes (torch profiler, kernels grouped by kind). The ``acceptance`` block holds
+the default engine's share of the peak and ratio to (a) against the bars of issue 28.
 """
 
 from __future__ import annotations
@@ -34,17 +37,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from inputs import short_proteins
 from virnucpro_core.engine.embedder import Embedder, Outputs
 from virnucpro_core.models.loader import LoadedModel, build_esm2
-from virnucpro_core.options import ESM2_MODELS, EmbeddingOptions, Options
+from virnucpro_core.options import ESM2_MODELS, EmbeddingOptions, Options, PackingOptions
+from virnucpro_core.engine.attention import available_backends
 from virnucpro_core.engine.packing import build_plan
 from virnucpro_core.stages import embed, shard
 
 AA = "ACDEFGHIKLMNPQRSTVWY"
 SHAPES = {"650M": "esm2_t33_650M_UR50D", "3B": "esm2_t36_3B_UR50D", "15B": "esm2_t48_15B_UR50D", "8M": "esm2_t6_8M_UR50D"}
+# issue 28's bars: (model, dataset) -> (share of the bf16 peak, ratio to fair-esm at its best), None: no bar
+BARS = {("esm2_t33_650M_UR50D", "uniref"): (0.62, 3.7), ("esm2_t36_3B_UR50D", "uniref"): (0.74, 2.6),
+        ("esm2_t48_15B_UR50D", "uniref"): (0.84, None), ("esm2_t33_650M_UR50D", "short"): (None, 2.2)}
 
 
 def dataset(kind: str, n_tokens: int, seed: int = 0) -> list[str]:
+    if kind == "short":
+        return short_proteins(n_tokens, seed)
     rng = np.random.default_rng(seed)
     lengths, total = [], 0
     while total < n_tokens:
@@ -204,6 +214,20 @@ def hf_model(layers, dim, heads):
     return m.to(torch.bfloat16).eval()
 
 
+def acceptance(doc: dict) -> None:
+    """The default engine against issue 28's bars, for the (model, dataset) pairs measured so far."""
+    out = {}
+    for key, d in doc.get("default_engine", {}).items():
+        bar = BARS.get(tuple(key.split("/")))
+        if bar is None:
+            continue
+        mfu_bar, ratio_bar = bar
+        out[key] = {"mfu": d["mfu"], "mfu_bar": mfu_bar, "ratio": d["ratio_vs_baseline"], "ratio_bar": ratio_bar,
+                    "pass": (mfu_bar is None or d["mfu"] >= mfu_bar) and (ratio_bar is None or (d["ratio_vs_baseline"] or 0) >= ratio_bar)}
+    doc["acceptance"] = out
+    doc["acceptance_all_pass"] = all(v["pass"] for v in out.values())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="650M,3B")
@@ -211,13 +235,18 @@ def main() -> int:
     ap.add_argument("--tokens-3b", type=int, default=500_000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--baseline-repeats", type=int, default=2)
-    ap.add_argument("--budgets", default="16384,65536")
+    ap.add_argument("--variants", default="auto:auto:model,auto:auto:65536,auto:auto:131072,auto:exact:model,fa2:exact:65536",
+                    help="engine settings, attention:gelu:budget each (fa2: the FlashAttention-2 backend found; model: the "
+                         "model's default budget); the first is the default configuration, the last the engine before issue 28")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--datasets", default="uniref,reads", help="reads runs for the 650M shape only")
     ap.add_argument("--baseline-budgets", default="4096,16384,32768", help="baseline (a): fair-esm tokens per batch")
     ap.add_argument("--extract-tokens", type=int, default=300_000, help="baseline (b) runs on the first sequences of this many tokens")
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--engine-only", action="store_true", help="no baselines and no whole-stage run (the 15B shape)")
+    ap.add_argument("--engine-only", action="store_true", help="no baselines and no whole-stage run")
+    ap.add_argument("--engine-only-shapes", default="15B", help="shapes measured without baselines or whole-stage run")
+    ap.add_argument("--no-stage", action="store_true", help="no whole-stage run")
+    ap.add_argument("--tokens-15b", type=int, default=120_000)
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -227,13 +256,14 @@ def main() -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     doc = {"device": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(), "commit": commit,
            "torch": torch.__version__, "bf16_peak_tflops": peak / 1e12, "records": records}
-    budgets = [int(b) for b in args.budgets.split(",")]
+    fa2 = next(b for b in available_backends(torch.device("cuda"), torch.bfloat16) if b in ("flash_attn", "torch_varlen"))
+    variant_specs = [v.split(":") for v in args.variants.split(",")]
 
     def record(model, data, variant, times, tokens, params, peak_gib, base=None):
         tps = tokens / statistics.median(times)
         r = {
             "model": model, "dataset": data, "variant": variant, "tok_per_s": tps,
-            "ratio_vs_baseline": tps / base if base else None if args.engine_only else 1.0, "mfu": tps * 2 * params / peak,
+            "ratio_vs_baseline": tps / base if base else 1.0 if variant.startswith("(a)") else None, "mfu": tps * 2 * params / peak,
             "peak_gib": peak_gib, "runs_s": times, "tokens": tokens,
         }
         records.append(r)
@@ -244,33 +274,36 @@ def main() -> int:
         return tps
 
     for shape in args.shapes.split(","):
+        engine_only = args.engine_only or shape in args.engine_only_shapes.split(",")
         name, esm2, params = random_esm2(shape)
         layers, dim, heads = ESM2_MODELS[name]
         loaded = LoadedModel(esm2, esm2.alphabet, name, "random", "-")
         datasets = [d for d in args.datasets.split(",") if d == "uniref" or shape == "650M"]
         for data in datasets:
-            seqs = dataset(data, args.tokens if shape != "3B" else args.tokens_3b)
+            seqs = dataset(data, {"3B": args.tokens_3b, "15B": args.tokens_15b}.get(shape, args.tokens))
             tokens = sum(len(s) + 2 for s in seqs)
             batches = sorted_batches(seqs, 16384)
             print(f"\n{name}: {params / 1e6:.0f}M parameters; {data}: {len(seqs)} sequences, {tokens} tokens", flush=True)
 
-            def timed(fn, repeats):
-                fn()  # one warm-up pass (kernels, cuBLAS heuristics, allocator)
+            def timed(fn, repeats, warm=None):
+                (warm or fn)()  # one warm-up pass (kernels, cuBLAS heuristics, allocator)
                 torch.cuda.reset_peak_memory_stats()
                 times = [sync_time(fn) for _ in range(repeats)]
                 return times, torch.cuda.max_memory_allocated() / 2**30
 
             best, base = (0.0, 0), None
-            for tpb in () if args.engine_only else (int(x) for x in args.baseline_budgets.split(",")):
+            for tpb in () if engine_only else (int(x) for x in args.baseline_budgets.split(",")):
                 ready = pretokenised(esm2.alphabet, seqs, sorted_batches(seqs, tpb))
-                t, m = timed(lambda: run_fair_esm_best(esm2, esm2.alphabet, len(seqs), ready), args.baseline_repeats)
+                warm = ready[:: max(1, len(ready) // 8)]  # a few batches of every length: kernels and heuristics
+                t, m = timed(lambda: run_fair_esm_best(esm2, esm2.alphabet, len(seqs), ready), args.baseline_repeats,
+                             lambda: run_fair_esm_best(esm2, esm2.alphabet, len(seqs), warm))
                 tps = record(name, data, f"(a) fair-esm bf16 pre-tokenised pinned {tpb} tok/batch", t, tokens, params, m)
                 best = max(best, (tps, tpb))
                 ready = None  # frees the pinned batches
-            if not args.engine_only:
+            if not engine_only:
                 base = best[0]
                 doc.setdefault("baseline_a", {})[f"{name}/{data}"] = {"tok_per_s": best[0], "tokens_per_batch": best[1]}
-            if data == "uniref" and args.extract_tokens and not args.engine_only:
+            if data == "uniref" and args.extract_tokens and not engine_only:
                 sub, n_tok = [], 0
                 for q in seqs:
                     if n_tok >= args.extract_tokens // (3 if shape == "3B" else 1):
@@ -285,36 +318,45 @@ def main() -> int:
                         t, m = timed(lambda: run_esm_extract(model, esm2.alphabet, fasta), 1)
                         record(name, data, f"(b) esm-extract {dt} 4096 tok/batch", t, n_tok, params, m, base)
                     esm2 = esm2.to(torch.bfloat16)
-            if not args.skip_hf and not args.engine_only:
+            if not args.skip_hf and not engine_only:
                 hf = hf_model(layers, dim, heads)
                 t, m = timed(lambda: run_hf(hf, esm2.alphabet, seqs, batches), args.baseline_repeats)
                 record(name, data, "HF EsmModel SDPA bf16 sorted 16384", t, tokens, params, m, base)
                 del hf
                 torch.cuda.empty_cache()
             lengths = [len(s) for s in seqs]
-            for budget in budgets:
-                emb = Embedder(loaded, "cuda", "bfloat16", "auto")
-                outputs = Outputs.resolve(layers, EmbeddingOptions())
+            outputs = Outputs.resolve(layers, EmbeddingOptions())
+            variants = [(fa2 if b == "fa2" else b, g, PackingOptions().budget(dim) if n == "model" else int(n)) for b, g, n in variant_specs]
+            for i, (backend, gelu, budget) in enumerate(dict.fromkeys(variants)):  # each once, in order
+                emb = Embedder(loaded, "cuda", "bfloat16", backend, gelu)  # over the same weights (already bf16 there)
+                plan = build_plan(lengths, budget, "truncate", 0)
 
                 def go():
-                    return emb.embed(seqs, build_plan(lengths, budget, "truncate", 0), outputs, progress_every=1e9)
+                    return emb.embed(seqs, plan, outputs, progress_every=1e9)
 
                 t, m = timed(go, args.repeats)
-                label = f"engine {emb.backend} budget {budget}"
-                record(name, data, label, t, tokens, params, m, base)
-                if args.profile and budget == 65536 and data == "uniref":
-                    prof = profile_engine(emb, seqs, build_plan(lengths, budget, "truncate", 0), outputs)
+                label = f"engine {emb.backend} {emb.packed.gelu}-GELU budget {budget}"
+                tps = record(name, data, label, t, tokens, params, m, base)
+                if i == 0:
+                    doc.setdefault("default_engine", {})[f"{name}/{data}"] = {"variant": label, "tok_per_s": tps, "mfu": tps * 2 * params / peak,
+                                                                             "ratio_vs_baseline": tps / base if base else None}
+                if args.profile and i == 0 and data == "uniref":
+                    prof = profile_engine(emb, seqs, plan, outputs)
                     doc.setdefault("profile", {})[name] = prof
                     print(f"profile {name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in prof["share_of_wall"].items())
                           + f", host gap {100 * prof['host_gap_share']:.1f}%", flush=True)
-            if args.engine_only:
+            emb = None
+            acceptance(doc)
+            if args.out:
+                Path(args.out).write_text(json.dumps(doc, indent=1))
+            if engine_only or args.no_stage:
                 continue
             # the whole stage: FASTA -> shard -> plan -> embed -> Parquet
             with tempfile.TemporaryDirectory() as tmp:
                 fasta = Path(tmp) / "in.faa"
                 fasta.write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(seqs)))
 
-                opts = Options().replace(shards=1, input_parts=1, **{"packing.token_budget": budgets[-1], "embedding.device": "cuda",
+                opts = Options().replace(shards=1, input_parts=1, **{"embedding.device": "cuda",
                                                       "embedding.lock_dir": str(Path(tmp) / "locks")})
 
                 def stage():
@@ -323,7 +365,7 @@ def main() -> int:
                     embed.run(parts, loaded, Path(tmp) / "emb.parquet", opts)
 
                 t, m = timed(stage, args.repeats)
-                record(name, data, f"stage FASTA->Parquet budget {budgets[-1]}", t, tokens, params, m, base)
+                record(name, data, "stage FASTA->Parquet (defaults)", t, tokens, params, m, base)
         esm2 = loaded = None  # frees the GPU memory for the next shape
         torch.cuda.empty_cache()
 

@@ -1,6 +1,6 @@
 """Packed vs unpacked ESM-2 on a GPU, random weights of the real shapes, bf16 (issue: core engine).
 
-    python benchmarks/gpu_equivalence.py --shapes 650M,3B --out benchmarks/results/equivalence-<device>-<date>.json
+    python benchmarks/gpu_equivalence.py --shapes 650M,3B,15B --out benchmarks/results/equivalence-<device>-<date>.json
 
 Random-init attention is near uniform and hides position errors, so q and k projections are
 scaled (x2.5 each) and the mean attention entropy, as a fraction of uniform, is printed.
@@ -8,7 +8,9 @@ Per length it reports pooled cosine, minimum per-residue cosine and relative L2 
 - packed bf16 vs unpacked bf16 (fair-esm's own forward, one sequence, fp32 rotary),
 - each against an fp32 reference (fair-esm's forward in fp32 on the same bf16-rounded weights),
 - packed bf16 vs fair-esm's native bf16 forward (its bf16 rotary): the test that can fail,
-and checks the bars of the issue.
+and checks the bars of the issue, for the engine as configured by default ("packed"), with the exact GELU, and
+with FlashAttention-2 and the exact GELU (the engine before issue 28). Then each against fp32 on a sample of 48
+sequences of real lengths: the median 1 - pooled cosine and its geometric-mean ratio to the engine before.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from bench_embed import SHAPES
+from virnucpro_core.engine.attention import available_backends
 from virnucpro_core.engine.equivalence import reference_hidden
 from virnucpro_core.models.loader import build_esm2
 from virnucpro_core.options import ESM2_MODELS
@@ -32,6 +35,7 @@ from virnucpro_core.engine.packing import Pack
 from virnucpro_core.engine.tokenizer import Tokenizer
 
 LENGTHS = (3, 8, 50, 160, 250, 400, 700, 1000)
+SAMPLE = 48
 AA = "ACDEFGHIKLMNPQRSTVWY"
 
 
@@ -70,24 +74,28 @@ def run_shape(name: str, factor: float, seed: int, log, device: str = "cuda") ->
     tok = Tokenizer(model.alphabet)
     rng = np.random.default_rng(seed)
     seqs = ["".join(rng.choice(list(AA), n)) for n in LENGTHS]
-    idx = np.arange(len(seqs))
-    pack = Pack(idx, np.zeros_like(idx), np.array(LENGTHS))
-    tokens = torch.from_numpy(tok.pack_tokens(seqs, pack)).to(device)
-    cu = torch.from_numpy(pack.cu_seqlens).to(device)
-    singles = [torch.from_numpy(tok.pack_tokens(seqs, Pack(np.array([i]), np.array([0]), np.array([n])))) for i, n in enumerate(LENGTHS)]
+    # a sample of real lengths for the accuracy against fp32 (log-normal, median 270)
+    sample = ["".join(rng.choice(list(AA), int(n))) for n in np.clip(rng.lognormal(np.log(270), 0.7, SAMPLE), 20, 1000)]
+    singles = [single(tok, q, device) for q in seqs]
     L = layers
     result = {"model": name, "sharpen": factor, "layers": L, "dim": dim, "heads": heads}
-    result["attention_entropy_frac"] = attention_entropy(model, singles[LENGTHS.index(400)].to(device))
+    result["attention_entropy_frac"] = attention_entropy(model, singles[LENGTHS.index(400)])
     log(f"{name}: q,k x{factor}: mean attention entropy {result['attention_entropy_frac']:.3f} of uniform")
-    engine = PackedESM2(model)
-    result["fused_kernels"] = engine.fused
-    hid = engine(tokens, cu, max(LENGTHS) + 2, [L])[L]
-    variants = {"packed": [h.float() for h in residues(hid, cu)]}
-    result["backend"] = engine.backend
+    # the engine as configured by default, then with the exact GELU, then with both levers of issue 28 off
+    # (FlashAttention-2 and the exact GELU: the engine before it)
+    fa2 = next(b for b in available_backends(torch.device(device), torch.bfloat16) if b in ("flash_attn", "torch_varlen", "reference"))
+    variants, sampled = {}, {}
+    for label, kw in (("packed", {}), ("packed_exact_gelu", {"gelu": "exact"}), ("packed_fa2_exact_gelu", {"backend": fa2, "gelu": "exact"})):
+        engine = PackedESM2(model, **kw)
+        variants[label], sampled[label] = packed_states(engine, tok, seqs, device), packed_states(engine, tok, sample, device)
+        result.setdefault("variants", {})[label] = {"backend": engine.backend, "gelu": engine.gelu, "fused_kernels": engine.fused}
+        del engine
+    result["backend"] = result["variants"]["packed"]["backend"]
     unpacked = [h[1:-1].float() for h in reference_hidden(model, singles, L, fp32_rope=True)]
     native = [h[1:-1].float() for h in reference_hidden(model, singles, L, fp32_rope=False)]
     ref32 = model.float()
     fp32 = [h[1:-1].float() for h in reference_hidden(ref32, singles, L, fp32_rope=True)]
+    fp32_sample = [h[1:-1].float() for h in reference_hidden(ref32, [single(tok, q, device) for q in sample], L, fp32_rope=True)]
     rows = []
     for i, n in enumerate(LENGTHS):
         row = {"length": n}
@@ -100,9 +108,46 @@ def run_shape(name: str, factor: float, seed: int, log, device: str = "cuda") ->
         rows.append(row)
     result["rows"] = rows
     result["checks"] = checks(rows)
+    result["checks_by_variant"] = {v: checks(rows, v)["all_pass"] for v in variants}
+    # accuracy against fp32 from 50 residues up: medians over the lengths of 1 - pooled cosine and relative L2
+    long_rows = [r for r in rows if r["length"] >= 50]
+    result["accuracy_vs_fp32"] = {
+        v: {"median_1_minus_pooled_cos": float(np.median([1 - r[f"{v}_vs_fp32"]["pooled_cos"] for r in long_rows])),
+            "median_rel_l2": float(np.median([r[f"{v}_vs_fp32"]["rel_l2"] for r in long_rows]))}
+        for v in [*variants, "unpacked", "native_bf16"]
+    }
+    # and over the sample: per variant the median 1 - pooled cosine, and the geometric mean over the sequences of
+    # its ratio to the engine before issue 28's
+    gap = {v: np.array([1 - metrics(h, r)["pooled_cos"] for h, r in zip(states, fp32_sample)]) for v, states in sampled.items()}
+    result["sample_accuracy_vs_fp32"] = {
+        "sequences": len(sample), "median_length": int(np.median([len(q) for q in sample])),
+        **{v: ratio_summary(g, gap["packed_fa2_exact_gelu"]) for v, g in gap.items()}}
     del model, ref32
     torch.cuda.empty_cache()
     return result
+
+
+def ratio_summary(gap: np.ndarray, before: np.ndarray) -> dict:
+    """Median 1 - cosine of a variant, and the geometric mean over the sequences of its ratio to the engine
+    before issue 28's, with a 95% interval (normal approximation of the mean log ratio)."""
+    logs = np.log(gap / before)
+    half = 1.96 * logs.std(ddof=1) / np.sqrt(len(logs)) if len(logs) > 1 else 0.0
+    return {"median_1_minus_pooled_cos": float(np.median(gap)), "geomean_ratio_to_packed_fa2_exact_gelu": float(np.exp(logs.mean())),
+            "ratio_95_interval": [float(np.exp(logs.mean() - half)), float(np.exp(logs.mean() + half))]}
+
+
+def single(tok: Tokenizer, seq: str, device: str) -> torch.Tensor:
+    return torch.from_numpy(tok.pack_tokens([seq], Pack(np.array([0]), np.array([0]), np.array([len(seq)])))).to(device)
+
+
+def packed_states(engine: PackedESM2, tok: Tokenizer, seqs: list[str], device: str) -> list[torch.Tensor]:
+    """Last-layer residue states (L, D) fp32 of ``seqs``, all in one pack."""
+    idx = np.arange(len(seqs))
+    pack = Pack(idx, np.zeros_like(idx), np.array([len(q) for q in seqs]))
+    tokens = torch.from_numpy(tok.pack_tokens(seqs, pack)).to(device)
+    cu = torch.from_numpy(pack.cu_seqlens).to(device)
+    L = engine.num_layers
+    return [h.float() for h in residues(engine(tokens, cu, int(pack.lengths.max()) + 2, [L])[L], cu)]
 
 
 def checks(rows: list[dict], v: str = "packed") -> dict:
@@ -152,6 +197,13 @@ def main() -> int:
             log(f"{r['length']:>5} | {fmt(r['packed_vs_unpacked']):^30} | {fmt(r['unpacked_vs_fp32']):^30} | {fmt(r['packed_vs_fp32']):^30} | "
                 f"{fmt(r['native_bf16_vs_fp32']):^30} | {fmt(r['packed_vs_native_bf16']):^30}")
         log(f"checks: {json.dumps(res['checks'])}")
+        log(f"checks by variant: {json.dumps(res['checks_by_variant'])}")
+        log(f"accuracy against fp32 on {SAMPLE} sequences of real lengths: " + "; ".join(
+            f"{v} median 1-cos {a['median_1_minus_pooled_cos']:.2e}, x{a['geomean_ratio_to_packed_fa2_exact_gelu']:.3f} the engine before "
+            f"(95%: {a['ratio_95_interval'][0]:.3f}-{a['ratio_95_interval'][1]:.3f})"
+            for v, a in res["sample_accuracy_vs_fp32"].items() if isinstance(a, dict)))
+        log("accuracy against fp32 (medians over lengths >= 50): " + "; ".join(
+            f"{v} 1-cos {a['median_1_minus_pooled_cos']:.2e}, rel L2 {a['median_rel_l2']:.4f}" for v, a in res["accuracy_vs_fp32"].items()))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     doc = {
         "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",

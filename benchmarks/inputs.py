@@ -3,7 +3,9 @@
 - ``proteins``: log-normal lengths with a median of 270 residues (UniProt-like), about 3% over 1022;
 - ``genome``: a bacterial-like genome, 88% coding: genes of log-normal length (median 300 codons) on both
   strands, sense codons then a stop, random spacers between them;
-- ``reads``: reads of 300 bp from either strand of that genome, as a metagenome's.
+- ``reads``: reads of 300 bp from either strand of that genome, as a metagenome's;
+- ``short_proteins``: the six-frame proteins of such reads, translated as the workflow does by default
+  (truncated at the first stop, at least 20 residues: median about 45), the regime of reads.
 """
 
 from __future__ import annotations
@@ -77,3 +79,27 @@ def write_reads(path: Path, n: int, seed: int = 0, length: int = 300, prefix: st
                 out.append(b">%s_%d\n%s\n" % (prefix.encode(), i, r.tobytes()))
             fh.write(b"".join(out))
     return n * length
+
+
+def short_proteins(n_tokens: int, seed: int = 0, length: int = 300) -> list[str]:
+    """Six-frame proteins of reads of ``length`` bp from :func:`genome` (the workflow's default translation), about
+    ``n_tokens`` tokens (residues + BOS + EOS)."""
+    from virnucpro_core.io.nucleotide import translate_batch
+    from virnucpro_core.options import NucleotideOptions
+
+    rng = np.random.default_rng(seed + 1)
+    g = genome(seed=seed)
+    out: list[str] = []
+    tokens = 0
+    while tokens < n_tokens:
+        reads = []
+        for _ in range(5000):
+            s = int(rng.integers(0, len(g) - length))
+            r = g[s : s + length]
+            reads.append((COMPLEMENT[r[::-1]] if rng.random() < 0.5 else r).tobytes().decode())
+        for protein in translate_batch([f"r{i}" for i in range(len(reads))], reads, NucleotideOptions()).protein:
+            out.append(protein)
+            tokens += len(protein) + 2
+            if tokens >= n_tokens:
+                break
+    return out

@@ -8,9 +8,11 @@ import torch
 
 from conftest import sharpen
 from virnucpro_core.engine import kernels
-from virnucpro_core.engine.attention import position_ids, rotary_tables
+from virnucpro_core.engine import attention
+from virnucpro_core.engine.attention import position_ids, reference_attention, resolve_backend, rotary_tables
 from virnucpro_core.engine.equivalence import reference_hidden
-from virnucpro_core.engine.packed_esm2 import PYTORCH, TRITON, PackedESM2, add_layer_norm, residues, rotate_qk
+from virnucpro_core.engine.packed_esm2 import (PYTORCH, TRITON, PackedESM2, add_layer_norm, linear_gelu_tanh, pool, residues,
+                                               rotate_qk)
 from virnucpro_core.models.loader import LoadedModel, build_esm2
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -68,6 +70,57 @@ def test_triton_linear_gelu_is_the_exact_gelu_of_the_matmul_rounded_once(program
     assert float((got.double() - exact).abs().mean()) < float(torch_err.mean())
 
 
+def test_tanh_linear_gelu_is_the_tanh_gelu_of_the_matmul_rounded_once():
+    torch.manual_seed(0)
+    m, n, k = 1000, 1280, 320
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(n, k, device="cuda") * k**-0.5).to(torch.bfloat16)
+    b = (torch.randn(n, device="cuda") * 3).to(torch.bfloat16)
+    pre = x.double() @ w.double().T + b.double()
+    tanh = torch.nn.functional.gelu(pre, approximate="tanh")
+    got = linear_gelu_tanh(x, w, b)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    assert bool(((got.double() - tanh).abs() <= 2**-8 * 1.01 * tanh.abs() + 1e-5).all())  # cuBLAS's epilogue: tanh, rounded once
+    exact = pre * 0.5 * torch.special.erfc(-pre * 0.5**0.5)
+    assert float((got.double() - exact).abs().max()) <= 4.8e-4 + 2**-8 * float(exact.abs().max())
+
+
+def test_flash_attn_3_matches_the_reference_and_hands_short_packs_to_flash_attention_2():
+    dev = torch.device("cuda")
+    if "flash_attn_3" not in attention.available_backends(dev, torch.bfloat16):
+        pytest.skip("no FlashAttention-3 here (the fa3 extra on a Hopper GPU)")
+    name, fa3 = resolve_backend(dev, torch.bfloat16)
+    assert name == "flash_attn_3"  # auto picks it first
+    fa2 = resolve_backend(dev, torch.bfloat16, "torch_varlen")[1]
+    torch.manual_seed(0)
+    for lengths in ([5, 300, 1000, 60, 2], [40, 90, 7, 128]):  # longest over FA2_MAX_SEQLEN, then at it
+        cu = torch.tensor(np.cumsum([0, *lengths]), dtype=torch.int32, device=dev)
+        T, ms = int(cu[-1]), max(lengths)
+        q, k, v = ((torch.randn(T, 20, 64, device=dev) * 2.5).to(torch.bfloat16) for _ in range(3))  # sharpened
+        got, two = fa3(q, k, v, cu, ms, 0.125), fa2(q, k, v, cu, ms, 0.125)
+        want = reference_attention(q.float(), k.float(), v.float(), cu, 0.125)
+        assert got.shape == q.shape and got.dtype == torch.bfloat16
+        err, err2 = (got.float() - want).abs(), (two.float() - want).abs()  # bf16 probabilities and output
+        assert float(err.max()) <= 2 * float(err2.max()) and float(err.mean()) <= 1.25 * float(err2.mean())
+        assert torch.equal(got, two) == (ms <= attention.FA2_MAX_SEQLEN)  # short packs: FlashAttention-2 itself
+
+
+def test_a_pack_forward_and_its_pooling_never_wait_for_the_gpu():
+    """Nothing in a pack's forward or pooling synchronises with the GPU, so the host queues the next pack while
+    the GPU computes this one (a ``t[index] = n`` once copied n from pageable memory and waited for the pack)."""
+    engine = PackedESM2(sharpened_model().to(torch.bfloat16))
+    _, tokens, cu = pack_of_tokens([5, 300, 1000, 60])
+    engine(tokens, cu, 1002, [6])  # kernels loaded, cuBLAS and attention set up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        hidden = engine(tokens, cu, 1002, [3, 6])
+        pooled = [pool(hidden[6], cu, how) for how in ("mean", "bos")]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(p.shape == (4, 320) and bool(torch.isfinite(p).all()) for p in pooled)
+
+
 def sharpened_model(device="cuda"):
     torch.manual_seed(0)
     with torch.device(device):
@@ -86,13 +139,15 @@ def pack_of_tokens(lengths):
 def test_fused_packed_forward_matches_unpacked():
     model = sharpened_model().to(torch.bfloat16)
     singles, tokens, cu = pack_of_tokens([5, 300, 1000, 60])
-    engine = PackedESM2(model)
-    assert engine.fused and engine.ops is TRITON and engine.ops.linear_gelu is kernels.linear_gelu
-    packed = residues(engine(tokens, cu, 1002, [6])[6], cu)
     ref = [h[1:-1] for h in reference_hidden(model, singles, 6)]
-    for p, r in zip(packed, ref):
-        cos = torch.nn.functional.cosine_similarity(p.float().mean(0), r.float().mean(0), dim=0)
-        assert float(cos) > 0.9999
+    exact, auto = PackedESM2(model, gelu="exact"), PackedESM2(model)
+    assert exact.fused and exact.ops is TRITON and exact.gelu == "exact"
+    assert auto.gelu == "tanh" and auto.ops == TRITON._replace(linear_gelu=linear_gelu_tanh)  # bf16 on a GPU
+    for engine in (exact, auto):
+        packed = residues(engine(tokens, cu, 1002, [6])[6], cu)
+        for p, r in zip(packed, ref):
+            cos = torch.nn.functional.cosine_similarity(p.float().mean(0), r.float().mean(0), dim=0)
+            assert float(cos) > 0.9999
 
 
 def test_packed_esm2_cast_to_the_gpu_equals_one_built_there(monkeypatch):
@@ -101,13 +156,14 @@ def test_packed_esm2_cast_to_the_gpu_equals_one_built_there(monkeypatch):
     _, tokens, cu = pack_of_tokens([5, 300, 1000, 60])
     cast = PackedESM2(sharpened_model("cpu")).to("cuda", torch.bfloat16)
     built = PackedESM2(sharpened_model("cpu").to("cuda", torch.bfloat16))
-    assert cast.fused and cast.ops is TRITON and cast.backend == built.backend != "reference"
+    assert cast.fused and cast.ops == built.ops and cast.ops.rotary_qk is kernels.rotary_qk
+    assert cast.backend == built.backend != "reference" and cast.gelu == built.gelu == "tanh"
     assert cast.final_norm.weight.dtype == torch.float32 and cast.layers[0].fc1.weight.dtype == torch.bfloat16
     got, want = cast(tokens, cu, 1002, [3, 6]), built(tokens, cu, 1002, [3, 6])
     assert all(torch.equal(got[l], want[l]) for l in want)
     monkeypatch.setattr(kernels, "available", lambda device: False)
     plain = PackedESM2(sharpened_model("cpu").to("cuda", torch.bfloat16))
-    assert not plain.fused and plain.ops is PYTORCH
+    assert not plain.fused and plain.ops == PYTORCH._replace(linear_gelu=linear_gelu_tanh)
     for p, r in zip(residues(plain(tokens, cu, 1002, [6])[6], cu), residues(want[6], cu)):
         assert float(torch.nn.functional.cosine_similarity(p.float().mean(0), r.float().mean(0), dim=0)) > 0.9999
 

@@ -57,7 +57,7 @@ def test_cli_defaults_are_the_options_and_each_flag_reaches_its_key(stage):
             with pytest.raises(SystemExit):
                 parser().parse_args(STAGE_ARGS[stage] + [flag, "1"])
             continue
-        value = f.metadata["choices"][-1] if f.metadata["choices"] else f.default + 1 if type(f.default) is int else 3
+        value = f.metadata["choices"][-1] if f.metadata["choices"] else f.default + 1 if type(f.default) is int else max(3, f.metadata["minimum"] or 0)
         if type(f.default) is int and f.metadata["maximum"] is not None and value > f.metadata["maximum"]:
             value = f.default - 1
         if isinstance(f.default, str) and not f.metadata["choices"]:

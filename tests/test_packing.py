@@ -1,5 +1,8 @@
 """Packing plan: next-fit-decreasing correctness, windows, round trip, tokens equal fair-esm's."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -120,3 +123,26 @@ def test_chunks_survive_save_and_load(tmp_path):
     save_plan(plan, tmp_path / "p.parquet")
     back = load_plan(tmp_path / "p.parquet")
     assert back.chunks == plan.chunks and plan.n_chunks == 8
+
+
+def test_token_budget_is_by_the_model_when_null(tmp_path):
+    from conftest import EXAMPLE, MODEL, cpu_options, run_stages
+
+    from virnucpro_core.options import PackingOptions
+    from virnucpro_core.stages import plan as plan_stage
+
+    assert PackingOptions().token_budget is None
+    assert [PackingOptions().budget(d) for d in (320, 1280, 2560, 5120)] == [131072, 131072, 65536, 65536]
+    assert PackingOptions(token_budget=4096).budget(5120) == 4096
+    # the embed stage plans with the model's budget (the example's model is 64 wide), and so does the plan stage
+    _, run = run_stages(tmp_path / "r", [EXAMPLE], cpu_options(tmp_path / "r", shards=1), MODEL)
+    (name,) = run.shard_names()
+    assert load_plan(run.plan(name)).budget == 131072
+    parts = [run.part(p) for p in json.loads(Path(run.manifest).read_text())["shards"][0]["parts"]]
+    opts = cpu_options(tmp_path)
+    with pytest.raises(ValueError, match="packing.token_budget is null"):
+        plan_stage.run(parts, tmp_path / "p.parquet", None, opts)
+    plan_stage.run(parts, tmp_path / "p.parquet", None, opts, model=str(MODEL))
+    assert load_plan(tmp_path / "p.parquet").budget == 131072
+    plan_stage.run(parts, tmp_path / "q.parquet", None, opts.replace(**{"packing.token_budget": 2048}))
+    assert load_plan(tmp_path / "q.parquet").budget == 2048

@@ -30,7 +30,7 @@ log = logging.getLogger("virnucpro_core")
 # the option keys (and sections) each stage reads
 STAGE_OPTIONS = {
     "shard": ("on_invalid", "input_type", "shards", "input_parts", "residues_per_shard", "nucleotide", "long_sequences"),
-    "plan": ("packing", "long_sequences", "embedding"),
+    "plan": ("model_dir", "packing", "long_sequences", "embedding"),
     "embed": ("model_dir", "embedding", "long_sequences", "spot_check"),
     "spot-check": ("model_dir", "embedding", "long_sequences", "spot_check"),
     "merge": ("merge",),
@@ -63,6 +63,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("parts", nargs="+", metavar="PART", help="the shard's parts (part_NNNNN.parquet), in order")
     s.add_argument("--out", required=True)
     s.add_argument("--stats")
+    s.add_argument("--model", help="the model (as for embed): sets the token budget when packing.token_budget is null")
     _add_options(s, "plan")
 
     s = sub.add_parser("embed", help="packed ESM-2 embeddings of one shard")
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             options, args.repr_layers, args.include, args.truncation_seq_length, args.toks_per_batch, args.nogpu)))
     pos, kw = {
         "shard": lambda: ((args.inputs, args.out, options, args.jobs), {}),
-        "plan": lambda: ((args.parts, args.out, args.stats, options), {}),
+        "plan": lambda: ((args.parts, args.out, args.stats, options), {"model": args.model}),
         "embed": lambda: ((args.parts, args.model, args.out, options),
                           {"earlier": args.earlier, "plan": args.plan, "dups_out": args.dups, "spot_check": args.spot_check}),
         "spot-check": lambda: ((args.parts, args.embeddings, args.model, args.out, options), {}),

@@ -110,8 +110,11 @@ class LongSequenceOptions(_Checked):
 
 @dataclass(frozen=True, kw_only=True)
 class PackingOptions(_Checked):
-    token_budget: int = opt(
-        65536, "tokens per pack (BOS and EOS included); at least 1024", minimum=1024
+    token_budget: int | None = opt(
+        None,
+        "tokens per pack (BOS and EOS included), at least 1024; null: by the model's width, "
+        "131072 up to 1280 dims (650M and smaller), 65536 above (the fastest on an H200)",
+        minimum=1024,
     )
     chunk_tokens: int = opt(
         16_000_000,
@@ -122,6 +125,12 @@ class PackingOptions(_Checked):
         "per_residue_layers at most 262144",
         minimum=1024,
     )
+
+    def budget(self, embed_dim: int) -> int:
+        """``token_budget``, or the one for a model ``embed_dim`` wide when it is null."""
+        if self.token_budget is not None:
+            return self.token_budget
+        return 131072 if embed_dim <= 1280 else 65536
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,8 +159,16 @@ class EmbeddingOptions(_Checked):
     )
     attention: str = opt(
         "auto",
-        "attention backend; auto picks flash_attn, then PyTorch varlen, then the reference",
-        choices=("auto", "flash_attn", "torch_varlen", "reference"),
+        "attention backend; auto picks flash_attn_3 (FlashAttention-3 on a Hopper GPU in bfloat16, "
+        "FlashAttention-2 for packs of short sequences), then flash_attn, then PyTorch varlen, then the reference",
+        choices=("auto", "flash_attn_3", "flash_attn", "torch_varlen", "reference"),
+    )
+    gelu: str = opt(
+        "auto",
+        "fc1's GELU: auto computes its tanh form in bfloat16 on a GPU (in cuBLAS's matmul epilogue; "
+        "its error, at most 4.7e-4, is below bfloat16's rounding) and the exact erf GELU elsewhere; "
+        "exact computes fair-esm's erf GELU everywhere",
+        choices=("auto", "exact"),
     )
     device: str = opt(
         "auto",

@@ -1,7 +1,11 @@
 """Variable-length (packed) self-attention backends and fp32 rotary embeddings.
 
-Backends, chosen automatically and overridable:
-- ``flash_attn``: ``flash_attn.flash_attn_varlen_func`` when the package is installed;
+Backends, chosen automatically (in this order) and overridable:
+- ``flash_attn_3``: FlashAttention-3's varlen forward on a Hopper GPU in bf16, from ``flash_attn_interface``
+  (FlashAttention's ``hopper/`` build) or ``fa3_fwd_interface`` (the ``fa3-fwd`` package: ``pip install
+  ".[fa3]"``). Packs whose longest sequence has at most :data:`FA2_MAX_SEQLEN` tokens go to FlashAttention-2 (the
+  next backend found), which is faster there (docs/engine.md);
+- ``flash_attn``: ``flash_attn.flash_attn_varlen_func`` (FlashAttention-2) when the package is installed;
 - ``torch_varlen``: PyTorch's own varlen FlashAttention, the kernel ``torch.nn.attention.varlen.varlen_attn``
   calls, called directly: importing that module imports torch's compiler (5 s of a job's start-up);
 - ``reference``: plain softmax attention one sequence at a time (CPU, any dtype).
@@ -9,16 +13,35 @@ Backends, chosen automatically and overridable:
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 import torch
 
 Attention = Callable[..., torch.Tensor]
 
+FA3_MODULES = ("flash_attn_interface", "fa3_fwd_interface")  # FlashAttention's hopper/ build, the fa3-fwd package
+# packs whose longest sequence has at most this many tokens go to FA2: there FA3's query tiles (192 rows at head dim
+# 64) are mostly empty and it takes 1.5-1.8x FA2's time; from 129 tokens on FA3 is level with FA2 or up to 1.5x
+# faster (H200, benchmarks/results/attention-backends-nvidia-h200-2026-12-01.json)
+FA2_MAX_SEQLEN = 128
+
+
+def _fa3_varlen() -> Callable | None:
+    """FlashAttention-3's ``flash_attn_varlen_func`` from the first module of :data:`FA3_MODULES` that loads."""
+    for name in FA3_MODULES:
+        try:
+            return importlib.import_module(name).flash_attn_varlen_func
+        except (ImportError, OSError):
+            continue
+    return None
+
 
 def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
     found = []
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        if dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) == (9, 0) and _fa3_varlen() is not None:
+            found.append("flash_attn_3")
         try:
             import flash_attn  # noqa: F401
 
@@ -38,7 +61,18 @@ def resolve_backend(device: torch.device, dtype: torch.dtype, requested: str = "
     name = found[0] if requested == "auto" else requested
     if name not in found:
         raise ValueError(f"attention backend {requested!r} is not available for {device.type}/{dtype}; available: {found}")
-    if name == "flash_attn":
+    if name == "flash_attn_3":
+        fa3 = _fa3_varlen()
+        fa2 = next((b for b in found if b in ("flash_attn", "torch_varlen")), None)
+        short = resolve_backend(device, dtype, fa2)[1] if fa2 else None
+
+        def attend(q, k, v, cu, max_seqlen, scale):
+            if short is not None and max_seqlen <= FA2_MAX_SEQLEN:
+                return short(q, k, v, cu, max_seqlen, scale)
+            out = fa3(q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale)
+            return out[0] if isinstance(out, tuple) else out  # (out, softmax_lse) in some versions
+
+    elif name == "flash_attn":
         from flash_attn import flash_attn_varlen_func
 
         def attend(q, k, v, cu, max_seqlen, scale):

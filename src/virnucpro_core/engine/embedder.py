@@ -120,8 +120,10 @@ class Embedder:
         device: str | torch.device,
         dtype: str,
         backend: str,
+        gelu: str = "auto",
     ) -> None:
-        """The engine on ``device``, computing in ``dtype``, attention ``backend`` (or ``auto``)."""
+        """The engine on ``device``, computing in ``dtype``, attention ``backend`` (or ``auto``), fc1's ``gelu``
+        (``auto`` or ``exact``: :func:`.packed_esm2.gelu_form`)."""
         self.device = torch.device(device)
         self.dtype_name = dtype
         # The cast: fair-esm's model onto the device, its floating tensors in the compute dtype (in place:
@@ -129,7 +131,7 @@ class Embedder:
         # the device, layer norms kept fp32: PackedESM2's dtype rules). Casting a PackedESM2 built on the host
         # gives the same tensors, but fuses q/k/v on the host and checks the attention backend for the host.
         model = to_device(loaded.model, self.device, DTYPES[dtype]).eval()
-        self.packed = PackedESM2(model, backend)
+        self.packed = PackedESM2(model, backend, gelu)
         self.tokenizer = Tokenizer(loaded.alphabet)
         self._ids: list[str] | None = None
 
@@ -257,6 +259,7 @@ class Embedder:
             "device": str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
             "dtype": self.dtype_name,
             "attention_backend": self.backend,
+            "gelu": self.packed.gelu,
             "peak_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
         }
         ready = None
@@ -280,7 +283,7 @@ def _merge_residues(parts: dict[int, torch.Tensor], item_record, item_start, ite
 
 
 def build_embedder(loaded: LoadedModel, device: str, options) -> Embedder:
-    """The engine as the options configure it (``embedding.dtype``, float32 on the CPU; ``embedding.attention``),
-    with the model on ``device``: what the embed and spot-check stages build."""
+    """The engine as the options configure it (``embedding.dtype``, float32 on the CPU; ``embedding.attention``,
+    ``embedding.gelu``), with the model on ``device``: what the embed and spot-check stages build."""
     e = options.embedding
-    return Embedder(loaded, device, compute_dtype(device, e.dtype), e.attention)
+    return Embedder(loaded, device, compute_dtype(device, e.dtype), e.attention, e.gelu)

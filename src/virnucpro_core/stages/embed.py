@@ -36,6 +36,7 @@ from ..engine import sample_check
 from ..engine.embedder import EmbedResult, Embedder, Outputs, build_embedder
 from ..io.files import atomic_path, row_group_rows, sha256, write_json
 from ..models.loader import LoadedModel, load_model
+from ..models.resolve import resolve
 from ..options import Options
 from ..run.parts import part_index
 from ..run.progress import JobProgress
@@ -254,7 +255,8 @@ def _run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, opt
             if len(dups) != int((~own).sum()):
                 raise ValueError(f"{plan} leaves rows out that are not duplicates of earlier rows")
         else:
-            the_plan = build_plan(lengths, options.packing.token_budget, long.policy, long.overlap, long.max_residues,
+            width = model.model.embed_dim if isinstance(model, LoadedModel) else resolve(model, options.model_dir).shape()[1]
+            the_plan = build_plan(lengths, options.packing.budget(width), long.policy, long.overlap, long.max_residues,
                                   chunk_tokens(options), include=own)
         # duplicates whose first row is in this shard are filled as chunks are written; the others by the merge
         start = dict(zip((i["index"] for i in shard.info), np.cumsum([0, *shard.rows[:-1]]).tolist()))  # part -> first row
