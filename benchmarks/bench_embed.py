@@ -239,7 +239,7 @@ def main() -> int:
                     help="engine settings, attention:gelu:budget each (fa2: the FlashAttention-2 backend found; model: the "
                          "model's default budget); the first is the default configuration, the last the engine before issue 28")
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--datasets", default="uniref,reads", help="reads runs for the 650M shape only")
+    ap.add_argument("--datasets", default="uniref,short", help="short and reads run for the 650M shape only")
     ap.add_argument("--baseline-budgets", default="4096,16384,32768", help="baseline (a): fair-esm tokens per batch")
     ap.add_argument("--extract-tokens", type=int, default=300_000, help="baseline (b) runs on the first sequences of this many tokens")
     ap.add_argument("--profile", action="store_true")

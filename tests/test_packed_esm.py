@@ -145,3 +145,28 @@ def test_kernels_follow_kernels_available(tiny_model, monkeypatch):
     monkeypatch.setattr(kernels, "available", lambda device: True)
     assert PackedESM2(tiny_model.model).ops is TRITON
     assert engine.float().ops is TRITON  # chosen again after a cast
+
+
+def test_gelu_is_its_tanh_form_only_in_bf16_on_a_gpu(tiny_model):
+    from virnucpro_core.engine.packed_esm2 import gelu_form, linear_gelu_tanh
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert gelu_form("auto", cuda, torch.bfloat16) == "tanh"
+    assert [gelu_form("auto", cuda, torch.float16), gelu_form("auto", cpu, torch.bfloat16), gelu_form("exact", cuda, torch.bfloat16)] == ["exact"] * 3
+    with pytest.raises(ValueError, match="gelu must be one of"):
+        gelu_form("fast", cuda, torch.bfloat16)
+    engine = PackedESM2(tiny_model.model)  # fp32 on the CPU: the exact GELU, whatever was asked
+    assert engine.gelu == "exact" and engine.ops is PYTORCH
+    x, w, b = torch.randn(7, 16), torch.randn(12, 16), torch.randn(12)
+    pre = torch.nn.functional.linear(x, w, b)
+    assert torch.allclose(linear_gelu_tanh(x, w, b), torch.nn.functional.gelu(pre, approximate="tanh"))
+    assert not torch.allclose(linear_gelu_tanh(x, w, b), torch.nn.functional.gelu(pre), atol=1e-6)
+
+
+def test_the_embedder_takes_the_configured_gelu(tiny_model):
+    from virnucpro_core.engine.embedder import build_embedder
+    from virnucpro_core.options import Options
+
+    loaded = copy.deepcopy(tiny_model)
+    assert build_embedder(loaded, "cpu", Options()).packed.requested_gelu == "auto"
+    assert build_embedder(loaded, "cpu", Options().replace(**{"embedding.gelu": "exact"})).packed.requested_gelu == "exact"

@@ -22,8 +22,8 @@ Attention = Callable[..., torch.Tensor]
 
 FA3_MODULES = ("flash_attn_interface", "fa3_fwd_interface")  # FlashAttention's hopper/ build, the fa3-fwd package
 # packs whose longest sequence has at most this many tokens go to FA2: there FA3's query tiles (192 rows at head dim
-# 64) are mostly empty and it takes 1.5-1.8x FA2's time; from 129 tokens on FA3 is level with FA2 or up to 1.5x
-# faster (H200, benchmarks/results/attention-backends-nvidia-h200-2026-12-01.json)
+# 64) are mostly empty and it takes 1.1-1.9x FA2's time; from 192 tokens on FA3 is level with FA2 or up to 1.5x
+# faster (H200, 65536-token packs: benchmarks/results/attention-backends-nvidia-h200-2026-12-01.json)
 FA2_MAX_SEQLEN = 128
 
 

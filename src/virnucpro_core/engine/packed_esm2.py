@@ -2,7 +2,8 @@
 
 :class:`PackedESM2` wraps a fair-esm ``ESM2`` and computes what fair-esm's forward computes, sequence
 by sequence: token-dropout scale, pre-LN layers, rotary q/k (fp32 tables, positions restarting at
-every sequence), varlen attention with scale 1/sqrt(head_dim), exact GELU, final layer norm. Each of
+every sequence), varlen attention with scale 1/sqrt(head_dim), GELU (exact, or in bf16 on a GPU its tanh form
+in cuBLAS's fc1 epilogue: :func:`gelu_form`), final layer norm. Each of
 its :class:`PackedLayer` is built from one fair-esm ``TransformerLayer`` (its linear modules shared,
 q/k/v fused into one projection, the layer norms held in fp32) and reads like it::
 
@@ -13,9 +14,10 @@ q/k/v fused into one projection, the layer norms held in fp32) and reads like it
 it. ``x + update`` only records the update; the next layer norm adds it and normalises in one pass
 (on a GPU one Triton kernel, in place on the stream): the residual add fused with the next layer norm.
 The matmuls run in the model's dtype. On a GPU the work besides cuBLAS's matmuls and attention is
-Triton kernels (:mod:`.kernels`: residual add + layer norm, rotary, and fc1 with its GELU); elsewhere
+Triton kernels (:mod:`.kernels`: residual add + layer norm, rotary, and fc1 with its exact GELU); elsewhere
 it is PyTorch (the functions below, :data:`PYTORCH`), the same arithmetic in the same order except
-that the kernels round fc1's output once, after the GELU.
+that the kernels round fc1's output once, after the GELU. With the tanh GELU, fc1 is
+:func:`linear_gelu_tanh` on either path.
 
 Shapes: T tokens in the pack, D model dim, H heads, d = D / H head dim, S sequences.
 """
@@ -291,7 +293,7 @@ def pool(hidden: Tensor, cu_seqlens: Tensor, how: str) -> Tensor:
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     # every token's sequence; BOS and EOS go to a row n that is dropped. Nothing here waits for the GPU: no
     # boolean indexing, and index_fill_ (a Python number in the kernel's arguments) where ``t[i] = n`` would copy
-    # n from pageable host memory, which waits for the whole pack's forward (1% of the 650M engine's time)
+    # n from pageable host memory, which waits for the pack's whole forward (about 1% of the 650M engine's time)
     seq_of_token = torch.repeat_interleave(torch.arange(n, device=hidden.device), lengths, output_size=hidden.shape[0])
     seq_of_token.index_fill_(0, cu_seqlens[:-1].long(), n)
     seq_of_token.index_fill_(0, cu_seqlens[1:].long() - 1, n)
