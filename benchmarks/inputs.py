@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -64,19 +65,22 @@ def genome(bases: int = 5_000_000, seed: int = 0) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def write_reads(path: Path, n: int, seed: int = 0, length: int = 300, prefix: str = "read") -> int:
-    """``n`` reads of ``length`` bp from a bacterial-like genome (one line each); returns the bases written."""
+def reads(seed: int = 0, length: int = 300) -> Iterator[np.ndarray]:
+    """Reads of ``length`` bp (ASCII codes) from either strand of :func:`genome`, without end."""
     rng = np.random.default_rng(seed + 1)
     g = genome(seed=seed)
+    while True:
+        s = int(rng.integers(0, len(g) - length))
+        r = g[s : s + length]
+        yield COMPLEMENT[r[::-1]] if rng.random() < 0.5 else r
+
+
+def write_reads(path: Path, n: int, seed: int = 0, length: int = 300, prefix: str = "read") -> int:
+    """``n`` of :func:`reads` (one line each); returns the bases written."""
+    source = reads(seed, length)
     with open(path, "wb") as fh:
         for start in range(0, n, 100_000):
-            out = []
-            for i in range(start, min(n, start + 100_000)):
-                s = int(rng.integers(0, len(g) - length))
-                r = g[s : s + length]
-                if rng.random() < 0.5:
-                    r = COMPLEMENT[r[::-1]]
-                out.append(b">%s_%d\n%s\n" % (prefix.encode(), i, r.tobytes()))
+            out = [b">%s_%d\n%s\n" % (prefix.encode(), i, next(source).tobytes()) for i in range(start, min(n, start + 100_000))]
             fh.write(b"".join(out))
     return n * length
 
@@ -87,17 +91,12 @@ def short_proteins(n_tokens: int, seed: int = 0, length: int = 300) -> list[str]
     from virnucpro_core.io.nucleotide import translate_batch
     from virnucpro_core.options import NucleotideOptions
 
-    rng = np.random.default_rng(seed + 1)
-    g = genome(seed=seed)
+    source = reads(seed, length)
     out: list[str] = []
     tokens = 0
     while tokens < n_tokens:
-        reads = []
-        for _ in range(5000):
-            s = int(rng.integers(0, len(g) - length))
-            r = g[s : s + length]
-            reads.append((COMPLEMENT[r[::-1]] if rng.random() < 0.5 else r).tobytes().decode())
-        for protein in translate_batch([f"r{i}" for i in range(len(reads))], reads, NucleotideOptions()).protein:
+        batch = [next(source).tobytes().decode() for _ in range(5000)]
+        for protein in translate_batch([f"r{i}" for i in range(len(batch))], batch, NucleotideOptions()).protein:
             out.append(protein)
             tokens += len(protein) + 2
             if tokens >= n_tokens:
