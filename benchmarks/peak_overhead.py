@@ -2,9 +2,9 @@
 
     python benchmarks/peak_overhead.py      # writes $OUT/probe2.json (OUT defaults to /tmp/out)
 
-- the bf16 matmul rate of ``torch.mm`` measured as ``bench_embed.py`` does (8192^3, 3 warm-up calls, median of
-  10: a cold burst), then after 1 s of back-to-back matmuls (8192^3 and 16384^3, sustained), the burst again, and
-  once more at the end;
+- the bf16 matmul rate of ``torch.mm`` measured nearly as ``bench_embed.py`` does (8192^3, median of 10: a cold
+  burst; without its 3 warm-up calls), then after 1 s of back-to-back matmuls (8192^3 and 16384^3, sustained), the
+  burst again, and once more at the end;
 - the engine's rate (default configuration, real lengths) on 600k and on 2.4M tokens a call (650M): the difference
   is what an ``embed`` call costs besides its packs; with cuBLAS and with cuBLASLt as PyTorch's preferred BLAS
   library for every matmul (650M, 3B, 15B).
