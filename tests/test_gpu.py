@@ -11,8 +11,8 @@ from virnucpro_core.engine import kernels
 from virnucpro_core.engine import attention
 from virnucpro_core.engine.attention import position_ids, reference_attention, resolve_backend, rotary_tables
 from virnucpro_core.engine.equivalence import reference_hidden
-from virnucpro_core.engine.packed_esm2 import (PYTORCH, TRITON, PackedESM2, add_layer_norm, linear_gelu_tanh, pool, residues,
-                                               rotate_qk)
+from virnucpro_core.engine.packed_esm2 import (PYTORCH, TRITON, PackedESM2, Update, add_layer_norm, linear_gelu_tanh, pool,
+                                               residues, rotate_qk)
 from virnucpro_core.models.loader import LoadedModel, build_esm2
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -33,19 +33,21 @@ def test_triton_rotary_matches_pytorch(heads, head_dim):
 
 
 @pytest.mark.parametrize("dim", [320, 1280, 5120])
-@pytest.mark.parametrize("with_y,with_bias", [(False, False), (True, False), (True, True)])
-def test_triton_add_layer_norm_matches_pytorch(dim, with_y, with_bias):
+@pytest.mark.parametrize("biases,store", [((), True), ((False,), True), ((True,), True), ((True,), False),
+                                          ((True, False), True), ((False, True), True)])
+def test_triton_add_layer_norm_matches_pytorch(dim, biases, store):
     torch.manual_seed(0)
     T = 3000
     x = torch.randn(T, dim, device="cuda") * 4
-    y = (torch.randn(T, dim, device="cuda") * 2).to(torch.bfloat16) if with_y else None
-    yb = torch.randn(dim, device="cuda").to(torch.bfloat16) if with_bias else None
+    updates = tuple(Update((torch.randn(T, dim, device="cuda") * 2).to(torch.bfloat16),
+                           torch.randn(dim, device="cuda").to(torch.bfloat16) if with_bias else None) for with_bias in biases)
     w, b = torch.randn(dim, device="cuda"), torch.randn(dim, device="cuda")
-    want_x, want_h = add_layer_norm(x.clone(), y, yb, w, b, 1e-5, torch.bfloat16)
+    want_x, want_h = add_layer_norm(x.clone(), updates, w, b, 1e-5, torch.bfloat16, store)
     x_in = x.clone()
-    got_x, got_h = kernels.add_layer_norm(x_in, y, yb, w, b, 1e-5, torch.bfloat16)
-    assert got_x.data_ptr() == x_in.data_ptr()  # the residual is updated in place
+    got_x, got_h = kernels.add_layer_norm(x_in, updates, w, b, 1e-5, torch.bfloat16, store)
+    assert got_x.data_ptr() == x_in.data_ptr()  # the residual is updated in place (or left as it was)
     assert torch.equal(got_x, want_x)  # the same additions in the same order
+    assert torch.equal(got_x, x) == (not store or not updates)
     assert got_h.dtype == torch.bfloat16 and got_h.shape == (T, dim)
     diff = (got_h.float() - want_h.float()).abs()
     assert bool((diff <= 8e-3 * want_h.float().abs() + 1e-5).all()), float(diff.max())  # one bf16 rounding at most

@@ -10,7 +10,7 @@ from conftest import random_protein
 from virnucpro_core.engine import kernels
 from virnucpro_core.engine.attention import position_ids, rotary_tables
 from virnucpro_core.engine.equivalence import fp32_rotary, reference_hidden
-from virnucpro_core.engine.packed_esm2 import PYTORCH, TRITON, PackedESM2, PackedLayer, pool, residues
+from virnucpro_core.engine.packed_esm2 import PYTORCH, TRITON, LayerNorm32, PackedESM2, PackedLayer, Residual, Update, pool, residues
 from virnucpro_core.engine.packing import Pack
 from virnucpro_core.engine.tokenizer import Tokenizer
 
@@ -58,6 +58,26 @@ def test_fp32_rotary_patch_is_identity_in_fp32_and_restored(tiny_model, rng):
     with fp32_rotary(model):
         pass
     assert type(model.layers[0].self_attn.rot_emb).__name__ == "RotaryEmbedding"
+
+
+def test_residual_stream_stores_every_second_layer_norm_and_sums_in_order():
+    torch.manual_seed(0)
+    T, D = 6, 8
+    x0 = torch.randn(T, D)
+    norm = LayerNorm32(torch.nn.LayerNorm(D))
+    updates = [Update(torch.randn(T, D).to(torch.bfloat16), torch.randn(D).to(torch.bfloat16) if i % 2 else None) for i in range(5)]
+    stream, want = Residual(x0.clone(), PYTORCH, torch.bfloat16), x0.clone()
+    stored = []
+    for u in updates:  # layer norm, update, as in a layer's two halves
+        x_before = stream.x.clone()
+        h = norm(stream)
+        stored.append(not torch.equal(stream.x, x_before))
+        assert torch.equal(h, torch.nn.functional.layer_norm(want, (D,), norm.weight, norm.bias, norm.eps).to(torch.bfloat16))
+        stream = stream + u
+        want = want + u.out.float()
+        want = want if u.bias is None else want + u.bias.float()  # added one at a time, in order: the same fp32 sums
+        assert torch.equal(stream.tensor(), want)
+    assert stored == [False, False, True, False, True]  # the sum is stored when two updates are pending
 
 
 def test_position_ids_restart_at_every_boundary():
