@@ -143,8 +143,9 @@ def add_layer_norm(x: torch.Tensor, updates: tuple, weight: torch.Tensor, bias: 
 
 
 def norm_warps(block: int) -> int:
-    """Warps for a layer-norm row of ``block`` (a power of two) columns: on the H200 4.0 TB/s at 1280, 2560 and 5120
-    columns (16 warps, taken before from 8192 columns on, ran at 3.6 at 5120: docs/performance.md)."""
+    """Warps for a layer-norm row of ``block`` (a power of two) columns: on the H200 3.7-4.1 TB/s at 1280, 2560 and
+    5120 columns, one or two updates, stored or not (16 warps, taken before from 8192 columns on, ran at 3.6 at 5120:
+    benchmarks/results/residual-rotary-probe-nvidia-h200-2026-12-01.json)."""
     return 4 if block <= 4096 else 8
 
 
