@@ -1,5 +1,7 @@
 """Embedding stage: OOM split-and-retry, long-sequence windows, outputs, Parquet round trip."""
 
+import threading
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -9,6 +11,7 @@ from conftest import random_protein
 from virnucpro_core.engine.embedder import Embedder, Outputs, SequenceTooLargeError
 from virnucpro_core.engine.equivalence import reference_hidden
 from virnucpro_core.engine.packing import Pack, build_plan, windows
+from virnucpro_core.engine.prefetch import prefetch
 from virnucpro_core.engine.tokenizer import Tokenizer
 from virnucpro_core.io.files import write_table
 from virnucpro_core.io.tables import column_array, embeddings_table, read_metadata
@@ -28,6 +31,30 @@ def embed(model, seqs, budget=4096, policy="truncate", outputs=None, hook=None, 
         monkeypatch.setattr(e, "_forward", hooked)
     plan = build_plan([len(s) for s in seqs], budget, policy, 200)
     return e.embed(seqs, plan, outputs or Outputs.resolve(model.num_layers, EmbeddingOptions()), ids=[f"seq{i}" for i in range(len(seqs))])
+
+
+def test_prefetch_yields_every_pack_in_order_the_first_without_a_thread(tiny_model, rng, monkeypatch):
+    tok = Tokenizer(tiny_model.alphabet)
+    seqs = [random_protein(rng, n) for n in rng.integers(10, 100, 12)]
+    packs = build_plan([len(s) for s in seqs], 256, "truncate", 0, max_residues=100).packs
+    assert len(packs) > 2
+    it = prefetch(tok, seqs, packs, torch.device("cpu"))
+    pack, tokens, cu = next(it)
+    assert pack is packs[0] and "pack-prefetch" not in [t.name for t in threading.enumerate()]
+    got = [(pack, tokens, cu), *it]
+    assert [g[0] for g in got] == packs
+    for p, t, c in got:
+        assert t.tolist() == tok.pack_tokens(seqs, p).tolist() and c.tolist() == p.cu_seqlens.tolist()
+    assert list(prefetch(tok, seqs, [], torch.device("cpu"))) == []
+
+    def fail(sequences, pack):
+        if pack is packs[2]:
+            raise ValueError("bad pack")
+        return Tokenizer.pack_tokens(tok, sequences, pack)
+
+    monkeypatch.setattr(tok, "pack_tokens", fail)
+    with pytest.raises(ValueError, match="bad pack"):  # raised in the thread, surfaced to the consumer
+        list(prefetch(tok, seqs, packs, torch.device("cpu")))
 
 
 def test_oom_splits_packs_and_gives_the_same_embeddings(tiny_model, rng, caplog, monkeypatch):
