@@ -297,13 +297,14 @@ def _run(parts: list[str | Path], model: str | LoadedModel, out: str | Path, opt
                                         on_pack=lambda t, b=before, t0=t_chunk: progress.update(
                                             tokens_done=b + t, tokens_per_s=t / max(time.perf_counter() - t0, 1e-9)))
                 result.stats["startup_seconds"] = started if c == todo[0] else None
+                finished[c] = result.stats
+                done = sum(finished[k]["tokens"] for k in finished)
+                # counted before the writer thread writes the chunk: a chunk file on disk is always in the progress
+                progress.update(force=True, tokens_done=done, chunks_done=len(finished),
+                                tokens_per_s=result.stats["tokens_per_s"])
                 meta = provenance(loaded, outputs, embedder.dtype_name, opts.output_dtype, result.stats, shard)
                 writer.submit(c, lambda lo=lo, hi=hi, result=result, meta=meta:
                               _chunk_table(shard_t, lo, hi, result, options, meta, fill))
-                finished[c] = result.stats
-                done = sum(finished[k]["tokens"] for k in finished)
-                progress.update(force=True, tokens_done=done, chunks_done=len(finished),
-                                tokens_per_s=result.stats["tokens_per_s"])
                 log.info("chunk %d/%d done: %d tokens of the shard, %.0f tokens/s, ETA %.0f s", c + 1, n, done,
                          result.stats["tokens_per_s"], (shard_tokens - done) / max(result.stats["tokens_per_s"], 1e-9))
                 del result
