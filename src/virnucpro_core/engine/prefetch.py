@@ -18,8 +18,8 @@ def prefetch(tokenizer: Tokenizer, sequences: list[str], packs: list[Pack], devi
     """Yield (pack, tokens, cu_seqlens) on ``device``, in order; errors of the thread are raised here.
 
     The first pack is tokenised in the calling thread, and the thread starts when the second is asked for (the
-    first one's forward queued): handed over by a thread still tokenising, a pack would reach the caller only at
-    the GIL's next switch (up to 5 ms later, with the GPU idle)."""
+    first one's forward queued): handed over by a thread still tokenising, a pack reaches the caller when that
+    thread releases the GIL (at the latest after CPython's 5 ms switch interval), with the GPU idle."""
     pin = device.type == "cuda"
 
     def host(pack: Pack) -> tuple[Pack, torch.Tensor, torch.Tensor]:
