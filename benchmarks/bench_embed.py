@@ -85,13 +85,12 @@ def sync_time(fn) -> float:
     return time.perf_counter() - t
 
 
-def matmul_peak(n: int = 8192, reps: int = 10, warm_s: float = 0.0) -> float:
-    """The bf16 rate of ``torch.mm`` on n x n (FLOP/s, median of ``reps``): after 3 calls (a cold burst, the MFU's
-    denominator), or after ``warm_s`` seconds of back-to-back calls (sustained: on an H200 12-13% lower,
-    docs/performance.md)."""
+def matmul_times(n: int = 8192, reps: int = 10, warm_s: float = 0.0, warmup_calls: int = 3) -> list[float]:
+    """Seconds of each of ``reps`` timed bf16 ``torch.mm`` calls on n x n (CUDA events), after ``warmup_calls``
+    calls and then ``warm_s`` seconds of back-to-back calls."""
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
+    for _ in range(warmup_calls):
         a @ b
     start = time.perf_counter()
     while time.perf_counter() - start < warm_s:
@@ -105,7 +104,14 @@ def matmul_peak(n: int = 8192, reps: int = 10, warm_s: float = 0.0) -> float:
         e.record()
         e.synchronize()
         times.append(s.elapsed_time(e) / 1e3)
-    return 2 * n**3 / statistics.median(times)
+    return times
+
+
+def matmul_peak(n: int = 8192, reps: int = 10, warm_s: float = 0.0) -> float:
+    """The bf16 rate of ``torch.mm`` on n x n (FLOP/s, median of ``reps``): after 3 calls (a cold burst, the MFU's
+    denominator), or after ``warm_s`` seconds of back-to-back calls (sustained: on an H200 12-13% lower,
+    docs/performance.md)."""
+    return 2 * n**3 / statistics.median(matmul_times(n, reps, warm_s))
 
 
 def sorted_batches(seqs: list[str], toks_per_batch: int) -> list[list[int]]:

@@ -41,6 +41,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))  # the NEW package: this checkout's
 sys.path.insert(0, str(HERE))
 
+from bench_embed import matmul_times
 from inputs import AA, protein_lengths
 
 SHAPES = {"650M": (33, 1280, 20), "3B": (36, 2560, 40), "tiny": (2, 64, 4)}
@@ -104,19 +105,7 @@ def sync(device: str) -> None:
 
 def matmul_peak(n: int = 8192, reps: int = 10) -> dict:
     """The bf16 matmul rate of ``torch.mm`` on n x n: the best and the median of ``reps`` timed calls (FLOP/s)."""
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        torch.mm(a, b)
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        torch.mm(a, b)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    del a, b
+    times = matmul_times(n, reps)
     torch.cuda.empty_cache()
     return {"n": n, "best_flops": 2 * n**3 / min(times), "median_flops": 2 * n**3 / statistics.median(times)}
 

@@ -16,7 +16,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_embed import dataset, random_esm2  # noqa
+from bench_embed import dataset, matmul_times, random_esm2  # noqa
 from virnucpro_core.engine.embedder import Embedder, Outputs  # noqa
 from virnucpro_core.engine.packing import build_plan  # noqa
 from virnucpro_core.models.loader import LoadedModel  # noqa
@@ -27,17 +27,7 @@ RES = {}
 
 
 def peak(n, warm_s, reps):
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    t = time.perf_counter()
-    while time.perf_counter() - t < warm_s:
-        a @ b
-        torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); a @ b; e.record(); e.synchronize()
-        ts.append(s.elapsed_time(e) / 1e3)
+    ts = matmul_times(n, reps, warm_s, warmup_calls=0)
     return {"median": 2 * n**3 / statistics.median(ts) / 1e12, "best": 2 * n**3 / min(ts) / 1e12}
 
 
